@@ -1,0 +1,87 @@
+"""The asyncio twin of `Client`, for workers that run an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from types import TracebackType
+
+import grpc
+
+from tensorferry import _env
+from tensorferry.client._client import CHANNEL_OPTIONS, LoadedModel, ProgressFn
+from tensorferry.client._views import build_views, map_cpu_arena
+from tensorferry.errors import DaemonUnavailable, daemon_not_running, from_rpc_error
+from tensorferry.v1 import tensorferry_pb2 as pb
+from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
+        self.socket = str(_env.socket_path(socket))
+        self._channel = grpc.aio.insecure_channel(f"unix:{self.socket}", options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.LoaderStub(self._channel)
+        self._leases: set[grpc.aio.UnaryStreamCall[pb.LoadRequest, pb.LoadEvent]] = set()
+
+    async def load(
+        self, uri: str, device: str = "cpu", *, timeout: float | None = None,
+        progress: ProgressFn | None = None, client_name: str = "",
+    ) -> LoadedModel:  # fmt: skip
+        if not os.path.exists(self.socket):
+            raise daemon_not_running(self.socket, "no socket file")
+        name = client_name or f"pid {os.getpid()}"
+        call = self._stub.Load(pb.LoadRequest(uri=uri, device=device, client_name=name))
+        table: list[pb.TensorInfo] = []
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in call:
+                    kind = event.WhichOneof("event")
+                    if kind == "progress" and progress is not None:
+                        progress(event.progress.stage, event.progress.bytes_done,
+                                 event.progress.bytes_total)  # fmt: skip
+                    elif kind == "tensors":
+                        table.extend(event.tensors.tensors)
+                    elif kind == "ready":
+                        break
+                else:
+                    raise DaemonUnavailable("the daemon ended the load without a ready event")
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
+        except BaseException:
+            call.cancel()
+            raise
+        ready = event.ready
+        loop = asyncio.get_running_loop()
+        self._leases.add(call)
+
+        def end_lease() -> None:
+            # Runs wherever the last view is garbage-collected, maybe another thread.
+            def cancel() -> None:
+                self._leases.discard(call)
+                call.cancel()
+
+            with contextlib.suppress(RuntimeError):  # loop already closed: lease ended
+                loop.call_soon_threadsafe(cancel)
+
+        flat = map_cpu_arena(ready.cpu_shm, end_lease)
+        return LoadedModel(ready, build_views(flat, table))
+
+    async def status(self) -> pb.StatusResponse:
+        try:
+            response: pb.StatusResponse = await self._stub.Status(pb.StatusRequest(), timeout=10)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
+        return response
+
+    async def close(self) -> None:
+        """Close the channel; this ends every lease this client still holds."""
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

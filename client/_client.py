@@ -1,0 +1,218 @@
+"""The synchronous client: load a model through the daemon and get zero-copy tensors."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+import torch
+
+from tensorferry import _env
+from tensorferry.client._views import build_views, map_cpu_arena
+from tensorferry.errors import (
+    DaemonUnavailable,
+    FailedPrecondition,
+    daemon_not_running,
+    from_rpc_error,
+)
+from tensorferry.v1 import tensorferry_pb2 as pb
+from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
+
+ProgressFn = Callable[[str, int, int], None]
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+class _Channel:
+    """A channel shared by a client and its leases; closed when neither needs it.
+
+    A lease is an open Load call: closing the channel would end every lease, so models
+    whose views are still alive keep it open after ``Client.close()``.
+    """
+
+    def __init__(self, socket: str) -> None:
+        self.channel = grpc.insecure_channel(f"unix:{socket}", options=CHANNEL_OPTIONS)
+        self._users = 1
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self.channel.close()
+
+
+class LoadedModel:
+    """A resident model's tensors, as zero-copy views of the daemon's arena.
+
+    ``close()`` drops this object's references; the lease ends when the last view is
+    gone, so a tensor kept past ``close()`` stays valid.
+    """
+
+    def __init__(self, ready: pb.Ready, tensors: dict[str, torch.Tensor]) -> None:
+        self.model_id = ready.model_id
+        self.lease_id = ready.lease_id
+        self.total_bytes = ready.total_bytes
+        self.attached = ready.attached
+        self.seconds = ready.seconds
+        self.tensors = tensors
+
+    def close(self) -> None:
+        self.tensors = {}
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LoadedModel {self.model_id} tensors={len(self.tensors)} bytes={self.total_bytes}>"
+
+
+def collect(
+    events: Iterator[pb.LoadEvent], progress: ProgressFn | None
+) -> tuple[pb.Ready, list[pb.TensorInfo]]:
+    """Read a Load/Preload stream up to its ready event."""
+    table: list[pb.TensorInfo] = []
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "progress" and progress is not None:
+            p = event.progress
+            progress(p.stage, p.bytes_done, p.bytes_total)
+        elif kind == "tensors":
+            table.extend(event.tensors.tensors)
+        elif kind == "ready":
+            if len(table) != event.ready.tensor_count:
+                raise DaemonUnavailable(
+                    f"the daemon announced {event.ready.tensor_count} tensors but sent {len(table)}"
+                )
+            return event.ready, table
+    raise DaemonUnavailable("the daemon ended the load without a ready event")
+
+
+class Client:
+    """Talks to the tensorferry daemon over its Unix socket.
+
+    ``socket`` defaults to $TENSORFERRY_SOCKET, else /run/tensorferry/tensorferry.sock.
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
+        self.socket = str(_env.socket_path(socket))
+        self._channel: _Channel | None = _Channel(self.socket)
+        self._stub = pb_grpc.LoaderStub(self._channel.channel)
+
+    def _check_socket(self) -> None:
+        if not os.path.exists(self.socket):
+            raise daemon_not_running(self.socket, "no socket file")
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        self._check_socket()
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
+
+    def load(
+        self,
+        uri: str,
+        device: str = "cpu",
+        *,
+        timeout: float | None = None,
+        progress: ProgressFn | None = None,
+        client_name: str = "",
+    ) -> LoadedModel:
+        """Load (or attach to) a model; blocks until it is resident, then holds a lease."""
+        if self._channel is None:
+            raise FailedPrecondition("this Client is closed")
+        self._check_socket()
+        name = client_name or f"pid {os.getpid()}"
+        call = self._stub.Load(pb.LoadRequest(uri=uri, device=device, client_name=name))
+        timer = threading.Timer(timeout, call.cancel) if timeout else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            ready, table = collect(call, progress)
+        except grpc.RpcError as err:
+            call.cancel()
+            if (
+                timer is not None
+                and not timer.is_alive()
+                and call.code() == grpc.StatusCode.CANCELLED
+            ):
+                raise DaemonUnavailable(
+                    f"{uri} was not resident within {timeout} s; the load goes on in the "
+                    "daemon (see `tensorferry status`)"
+                ) from None
+            raise from_rpc_error(err, self.socket) from None
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        channel = self._channel
+        channel.acquire()
+
+        def end_lease() -> None:
+            call.cancel()
+            channel.release()
+
+        try:
+            flat = map_cpu_arena(ready.cpu_shm, end_lease)
+        except BaseException:
+            end_lease()
+            raise
+        return LoadedModel(ready, build_views(flat, table))
+
+    def preload(
+        self, uri: str, device: str = "cpu", *, timeout: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> pb.Ready:  # fmt: skip
+        """Make a model resident without holding it; returns the daemon's ready event."""
+        self._check_socket()
+        try:
+            call = self._stub.Preload(pb.PreloadRequest(uri=uri, device=device), timeout=timeout)
+            return collect(call, progress)[0]
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
+
+    def release(self, lease_id: str) -> bool:
+        response = self._call(self._stub.Release, pb.ReleaseRequest(lease_id=lease_id), 10)
+        return bool(response.released)
+
+    def list(self) -> list[pb.ModelInfo]:
+        return list(self._call(self._stub.List, pb.ListRequest(), 10).models)
+
+    def evict(self, model: str) -> pb.EvictResponse:
+        response: pb.EvictResponse = self._call(self._stub.Evict, pb.EvictRequest(model=model), 10)
+        return response
+
+    def status(self) -> pb.StatusResponse:
+        response: pb.StatusResponse = self._call(self._stub.Status, pb.StatusRequest(), 10)
+        return response
+
+    def close(self) -> None:
+        """Close the client; leases of models whose tensors are still alive stay open."""
+        if self._channel is not None:
+            self._channel.release()
+            self._channel = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""Map an arena grant and build zero-copy torch views for the tensor table."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tensorferry.errors import FailedPrecondition, InvalidArtifact
+from tensorferry.v1 import tensorferry_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64,
+    "U64": torch.uint64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}  # fmt: skip
+
+SHM_DIR = Path("/dev/shm")
+
+
+def map_cpu_arena(grant: pb.CpuShmGrant, on_last_view: Callable[[], None]) -> torch.Tensor:
+    """One flat uint8 tensor over the segment; ``on_last_view`` runs when it and every
+    view of it are gone (that is when the worker may drop its lease).
+
+    The mapping is private (copy-on-write) over a read-only descriptor: a worker that
+    writes into a tensor changes its own copy of that page, never the shared model.
+    """
+    if "/" in grant.name or not grant.name:
+        raise InvalidArtifact(f"the daemon sent an invalid segment name {grant.name!r}")
+    try:
+        fd = os.open(SHM_DIR / grant.name, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FailedPrecondition(
+            f"shared-memory segment {grant.name} is not visible to this process: the worker "
+            "must share /dev/shm (and the IPC namespace) with the daemon"
+        ) from None
+    try:
+        mapping = mmap.mmap(fd, grant.size, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+    finally:
+        os.close(fd)
+    # numpy holds a buffer export on the mmap, so it cannot be unmapped while torch
+    # storage (which keeps the array alive) exists: no dangling views, ever.
+    array = np.frombuffer(mapping, dtype=np.uint8)
+    weakref.finalize(array, on_last_view)
+    flat = torch.from_numpy(array)
+    del array, mapping
+    return flat
+
+
+def build_views(flat: torch.Tensor, table: Iterable[pb.TensorInfo]) -> dict[str, torch.Tensor]:
+    size = flat.numel()
+    tensors: dict[str, torch.Tensor] = {}
+    for t in table:
+        dtype = DTYPES.get(t.dtype)
+        if dtype is None:
+            raise InvalidArtifact(
+                f"tensor {t.name!r} has dtype {t.dtype!r}, unknown to this client"
+            )
+        if t.offset + t.nbytes > size:
+            raise InvalidArtifact(f"tensor {t.name!r} lies outside its arena")
+        view = flat[t.offset : t.offset + t.nbytes].view(dtype)
+        tensors[t.name] = view.view(tuple(t.shape))
+    return tensors

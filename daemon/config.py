@@ -1,0 +1,159 @@
+"""Daemon settings: one typed object, read from a TOML file plus the environment.
+
+This is the only daemon module that reads configuration; environment variables come
+through ``tensorferry._env``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tensorferry import _env
+from tensorferry.errors import InvalidRequest
+
+MiB = 1 << 20
+DEFAULT_CHUNK_SIZE = 8 * MiB
+DEFAULT_CONCURRENCY = 32
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the rule."""
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an int or a string such as "8MiB" or "16 GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    raise ConfigError(f"{key}: expected a byte size such as 8MiB or 16GiB, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class S3Settings:
+    #: Endpoint of an S3-compatible store; None means AWS (or $AWS_ENDPOINT_URL).
+    endpoint_url: str | None = None
+    #: Region for signing; None lets botocore resolve it (profile, $AWS_REGION).
+    region: str | None = None
+    #: AWS profile name; None uses the default credential chain.
+    profile: str | None = None
+    #: "path" for most S3-compatible stores, "virtual" or "auto" for AWS.
+    addressing_style: str = "auto"
+    #: Parallel range GETs per load (each on its own keep-alive connection).
+    concurrency: int = DEFAULT_CONCURRENCY
+    #: Bytes per range GET.
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Seconds to wait for a response's first byte or between body reads.
+    read_timeout: float = 60.0
+    connect_timeout: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    #: Unix socket the daemon listens on.
+    socket: Path = _env.DEFAULT_SOCKET
+    #: Permission bits of the socket; workers need write access to connect.
+    socket_mode: int = 0o660
+    #: Allowed sources: ``s3://bucket/prefix`` entries and absolute local directories.
+    allow: tuple[str, ...] = ()
+    #: Serve any source the credentials reach (explicit opt-in, logged as a warning).
+    allow_any_source: bool = False
+    #: Where CPU arenas live (POSIX shared memory; workers map from the same place).
+    shm_dir: Path = Path("/dev/shm")
+    #: Upper bound for CPU arenas together (0: MemAvailable is the only bound).
+    shm_budget: int = 0
+    s3: S3Settings = dataclasses.field(default_factory=S3Settings)
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.s3.concurrency <= 1024:
+            raise ConfigError(f"s3.concurrency: must be 1..1024, got {self.s3.concurrency}")
+        if not 64 * 1024 <= self.s3.chunk_size <= 1 << 30:
+            raise ConfigError(f"s3.chunk_size: must be 64KiB..1GiB, got {self.s3.chunk_size}")
+        if len(str(self.socket).encode()) > 107:
+            raise ConfigError(
+                f"socket: Unix socket paths are limited to 107 bytes, got {self.socket}"
+            )
+        for entry in self.allow:
+            try:
+                normalize_allow_entry(entry)
+            except InvalidRequest as exc:
+                raise ConfigError(f"sources.allow: {exc.message}") from None
+
+
+def normalize_allow_entry(entry: str) -> str:
+    """Allowlist entries end in "/" so that s3://b/models never admits s3://b/models-evil."""
+    if entry.startswith("s3://"):
+        rest = entry[5:]
+        bucket = rest.split("/", 1)[0]
+        if not bucket:
+            raise InvalidRequest(f"{entry!r} names no bucket")
+        return entry if entry.endswith("/") else entry + "/"
+    path = Path(entry)
+    if not path.is_absolute():
+        raise InvalidRequest(f"{entry!r} is neither an s3:// prefix nor an absolute directory")
+    return str(path.resolve()).rstrip("/") + "/"
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}]: expected a table")
+    return value
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    *,
+    socket: str | Path | None = None,
+    allow: tuple[str, ...] = (),
+    allow_any_source: bool = False,
+) -> Settings:
+    """Settings from the TOML file (argument or $TENSORFERRY_CONFIG), env, then arguments."""
+    data: dict[str, Any] = {}
+    path = _env.config_path(config_file)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    sources, s3, memory = _section(data, "sources"), _section(data, "s3"), _section(data, "memory")
+    s3_settings = S3Settings(
+        endpoint_url=s3.get("endpoint_url") or _env.aws_endpoint_url(),
+        region=s3.get("region"),
+        profile=s3.get("profile"),
+        addressing_style=str(s3.get("addressing_style", "auto")),
+        concurrency=int(s3.get("concurrency", DEFAULT_CONCURRENCY)),
+        chunk_size=parse_size(s3.get("chunk_size", DEFAULT_CHUNK_SIZE), "s3.chunk_size"),
+        read_timeout=float(s3.get("read_timeout", 60.0)),
+        connect_timeout=float(s3.get("connect_timeout", 10.0)),
+    )
+    if s3_settings.addressing_style not in ("auto", "path", "virtual"):
+        raise ConfigError(
+            f"s3.addressing_style: must be auto, path or virtual, "
+            f"got {s3_settings.addressing_style!r}"
+        )
+    # Precedence: argument, then $TENSORFERRY_SOCKET, then the file, then the default.
+    if socket is None and _env.socket_from_env() is None and data.get("socket"):
+        socket = str(data["socket"])
+    allow_entries = tuple(sources.get("allow", ())) + tuple(allow)
+    return Settings(
+        socket=_env.socket_path(socket),
+        socket_mode=int(str(data.get("socket_mode", "660")), 8),
+        allow=allow_entries,
+        allow_any_source=bool(sources.get("allow_any", False)) or allow_any_source,
+        shm_budget=parse_size(memory.get("shm_budget", 0), "memory.shm_budget"),
+        s3=s3_settings,
+        log_level=_env.log_level() or str(data.get("log_level", "INFO")),
+    )

@@ -1,0 +1,47 @@
+"""One cold load: plan -> arena -> fetch. Releases the arena on every failure path."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from tensorferry.daemon.fetch import FetchStats, fetch_ranges
+from tensorferry.daemon.planner import Plan, make_plan
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
+from tensorferry.daemon.source import Source
+from tensorferry.daemon.store.base import Store
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Loaded:
+    plan: Plan
+    arena: ShmArena
+    stats: FetchStats
+
+
+async def load_into_arena(
+    store: Store,
+    source: Source,
+    sink: CpuShmSink,
+    *,
+    chunk_size: int,
+    concurrency: int,
+    on_plan: Callable[[Plan], None],
+    progress: Callable[[int], None],
+) -> Loaded:
+    plan = make_plan(source, chunk_size)
+    on_plan(plan)
+    arena = sink.allocate(plan.arena_size, source.ref.uri)
+    try:
+        stats = await fetch_ranges(
+            store, plan.ranges, arena.view, concurrency=concurrency, progress=progress
+        )
+    except BaseException:
+        sink.release(arena)
+        raise
+    # Workers map the segment themselves; the daemon's mapping would only add to its RSS.
+    arena.unmap()
+    if not stats.ranges:
+        stats.first_byte = stats.finished = time.monotonic()
+    return Loaded(plan, arena, stats)

@@ -1,0 +1,175 @@
+"""Resident models and their leases.
+
+A model is keyed by (source URI, source version, device). States: loading -> ready ->
+evicting. Concurrent loads of one key share one fetch; a lease is held by an open Load
+stream; an arena is freed only when its model is evicted and no lease holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from tensorferry.daemon.pipeline import Loaded
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.errors import ModelNotFound
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    EVICTING = "evicting"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelKey:
+    uri: str
+    version: str
+    device: str
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    id: str
+    key: ModelKey
+    state: State = State.LOADING
+    loaded: Loaded | None = None
+    done: asyncio.Future[Loaded] = dataclasses.field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    bytes_done: int = 0
+    bytes_total: int = 0
+    leases: dict[str, str] = dataclasses.field(default_factory=dict)  # lease id -> client
+    created: float = dataclasses.field(default_factory=time.monotonic)
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadRecord:
+    uri: str
+    outcome: str
+    plan_seconds: float = 0.0
+    first_byte_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    total_seconds: float = 0.0
+    bytes: int = 0
+    error: str = ""
+
+
+class Registry:
+    def __init__(self, sink: CpuShmSink, tasks: asyncio.TaskGroup) -> None:
+        self.sink = sink
+        self._tasks = tasks
+        self._by_key: dict[ModelKey, Model] = {}
+        self._all: dict[str, Model] = {}
+        self._seq = itertools.count(1)
+        self._loads: set[asyncio.Task[None]] = set()
+        self.recent: collections.deque[LoadRecord] = collections.deque(maxlen=32)
+
+    @property
+    def models(self) -> list[Model]:
+        return list(self._all.values())
+
+    def get_or_start(
+        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]]
+    ) -> tuple[Model, bool]:
+        """The model for ``key`` and whether it was already there (loading or ready).
+
+        A new model's load runs in the registry's task group, not in the caller's task:
+        it outlives a caller that disconnects while others (or a preload) wait for it.
+        """
+        model = self._by_key.get(key)
+        if model is not None:
+            model.last_used = time.monotonic()
+            return model, True
+        model = Model(id=f"m{next(self._seq)}-{key.version[:8]}", key=key)
+        self._by_key[key] = model
+        self._all[model.id] = model
+        task = self._tasks.create_task(self._run(model, load))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+        return model, False
+
+    async def _run(self, model: Model, load: Callable[[Model], Awaitable[Loaded]]) -> None:
+        try:
+            loaded = await load(model)
+        except BaseException as exc:
+            self._forget(model)
+            if model.done.done():
+                pass
+            elif isinstance(exc, asyncio.CancelledError):
+                model.done.cancel()
+            else:
+                model.done.set_exception(exc)
+                model.done.exception()  # waiters may all be gone; mark it retrieved
+            if not isinstance(exc, Exception):
+                raise
+            return
+        model.loaded = loaded
+        if model.state is State.LOADING:
+            model.state = State.READY
+        model.done.set_result(loaded)
+        self._maybe_free(model)  # evicted while it was loading
+
+    def _forget(self, model: Model) -> None:
+        if self._by_key.get(model.key) is model:
+            del self._by_key[model.key]
+        self._all.pop(model.id, None)
+
+    def add_lease(self, model: Model, client: str) -> str:
+        lease = secrets.token_hex(8)
+        model.leases[lease] = client
+        model.last_used = time.monotonic()
+        return lease
+
+    def drop_lease(self, model: Model, lease: str) -> None:
+        if model.leases.pop(lease, None) is not None:
+            self._maybe_free(model)
+
+    def find_lease(self, lease: str) -> Model | None:
+        for model in self._all.values():
+            if lease in model.leases:
+                return model
+        return None
+
+    def evict(self, what: str) -> tuple[list[str], int]:
+        """Evict models by id or URI; returns their ids and the leases still holding them."""
+        matches = [m for m in self._all.values() if what in (m.id, m.key.uri)]
+        if not matches:
+            raise ModelNotFound(
+                f"no resident model {what!r}; `tensorferry ls` lists model ids and URIs"
+            )
+        pending = 0
+        for model in matches:
+            if self._by_key.get(model.key) is model:
+                del self._by_key[model.key]  # new loads of this URI fetch afresh
+            model.state = State.EVICTING
+            pending += len(model.leases)
+            self._maybe_free(model)
+        return [m.id for m in matches], pending
+
+    def _maybe_free(self, model: Model) -> None:
+        if model.state is State.EVICTING and not model.leases and model.loaded is not None:
+            self.sink.release(model.loaded.arena)
+            self._all.pop(model.id, None)
+            log.info("freed model %s (%s)", model.id, model.key.uri)
+
+    def cancel_loads(self) -> None:
+        for task in self._loads:
+            task.cancel()
+
+    def close(self) -> None:
+        for model in list(self._all.values()):
+            if model.loaded is not None:
+                self.sink.release(model.loaded.arena)
+        self._all.clear()
+        self._by_key.clear()

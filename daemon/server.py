@@ -1,0 +1,121 @@
+"""The daemon process: socket and lock, arenas, S3 client, gRPC server, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tensorferry.daemon.config import ConfigError, Settings
+from tensorferry.daemon.registry import Registry
+from tensorferry.daemon.service import LoaderService
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.store.s3 import S3Backend
+from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "tensorferry.v1.Loader"
+SHUTDOWN_GRACE = 5.0
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def hold_socket_lock(socket: Path) -> AsyncIterator[None]:
+    """An flock beside the socket: grpc would silently steal a live daemon's socket path."""
+    socket.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = socket.with_name(socket.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another tensorferry daemon (pid {owner}) is already serving {socket}; stop it "
+            "first or give this one another --socket"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(FileNotFoundError):
+            socket.unlink()  # left by a daemon that was killed; its lock is free
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            socket.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(fd)
+
+
+async def run_daemon(
+    settings: Settings,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve until ``stop`` is set; every resource is released on the way out."""
+    if not settings.allow and not settings.allow_any_source:
+        raise ConfigError(
+            "no source allowlist configured: the daemon acts with this host's credentials "
+            "for any local process that reaches its socket. Add [sources] allow = "
+            '["s3://bucket/prefix/", "/models"] to the config, or pass --allow-any-source'
+        )
+    if settings.allow_any_source:
+        log.warning("serving ANY source the daemon's credentials can read (--allow-any-source)")
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(hold_socket_lock(settings.socket))
+        sink = await stack.enter_async_context(
+            CpuShmSink(settings.shm_dir, mode=settings.socket_mode & 0o440,
+                       budget=settings.shm_budget)
+        )  # fmt: skip
+        backend = await stack.enter_async_context(S3Backend(settings.s3))
+        tasks = await stack.enter_async_context(asyncio.TaskGroup())
+        registry = Registry(sink, tasks)
+        stack.callback(registry.close)
+        stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
+        service = LoaderService(settings, registry, backend, sink.instance)
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 4 << 20)],
+            maximum_concurrent_rpcs=1024,
+        )
+        pb_grpc.add_LoaderServicer_to_server(service, server)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        target = f"unix:{settings.socket}"
+        if server.add_insecure_port(target) == 0:
+            raise ConfigError(f"could not bind {target}")
+        await server.start()
+        # grpc creates the socket under the process umask; set the mode we document.
+        os.chmod(settings.socket, settings.socket_mode)
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "tensorferry daemon %s serving on %s (arena instance %s, %d parallel GETs)",
+            os.getpid(), settings.socket, sink.instance, settings.s3.concurrency,
+        )  # fmt: skip
+        on_ready()
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: ending leases and in-flight calls")
+            service.stopping.set()
+            await health.enter_graceful_shutdown()
+            await server.stop(SHUTDOWN_GRACE)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,273 @@
+"""The gRPC service: requests in, events and status codes out.
+
+Errors leave every handler through ``_abort``, which uses the one mapping in
+``tensorferry.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from tensorferry import __version__
+from tensorferry.daemon.config import Settings
+from tensorferry.daemon.pipeline import Loaded, load_into_arena
+from tensorferry.daemon.registry import LoadRecord, Model, ModelKey, Registry, State
+from tensorferry.daemon.source import (
+    SourceRef,
+    check_allowed,
+    list_source,
+    listing_version,
+    parse_uri,
+    read_source,
+)
+from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.store.local import LocalStore
+from tensorferry.daemon.store.s3 import S3Backend, S3Store
+from tensorferry.errors import FailedPrecondition, InvalidRequest, TensorferryError, to_status
+from tensorferry.v1 import tensorferry_pb2 as pb
+from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+TENSORS_PER_MESSAGE = 2000  # ~200 KB per message, far below gRPC's 4 MiB default
+PROGRESS_INTERVAL = 0.1
+T = TypeVar("T")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    code, details, trailers = to_status(exc)
+    if not isinstance(exc, TensorferryError):
+        log.exception("internal error", exc_info=exc)
+    context.set_trailing_metadata(trailers)
+    await context.abort(code, details)
+
+
+def unary(
+    fn: Callable[[LoaderService, Any, Any], Awaitable[T]],
+) -> Callable[[LoaderService, Any, Any], Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: LoaderService, request: Any, context: Any) -> T:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            await _abort(context, exc)
+            raise  # not reached: abort raises
+
+    return wrapper
+
+
+def check_device(device: str) -> str:
+    if device in ("", "cpu"):
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        raise FailedPrecondition(
+            f"device {device!r}: no CUDA device is visible to the daemon; load with "
+            "device='cpu' or run the daemon on a GPU host"
+        )
+    raise InvalidRequest(f"device {device!r} is not supported: use 'cpu' or 'cuda:N'")
+
+
+class LoaderService(pb_grpc.LoaderServicer):
+    def __init__(
+        self, settings: Settings, registry: Registry, backend: S3Backend, instance: str
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.backend = backend
+        self.instance = instance
+        self.started = time.monotonic()
+        self._released: dict[str, asyncio.Event] = {}
+        self.stopping = asyncio.Event()
+
+    def _store(self, ref: SourceRef) -> Store:
+        if ref.scheme == "s3":
+            return S3Store(self.backend, ref.bucket, ref.prefix, ref.single)
+        assert ref.path is not None
+        return LocalStore(ref.path, ref.uri.removesuffix(ref.single or ""))
+
+    async def _cold_load(
+        self, store: Store, ref: SourceRef, listing: list[ObjectInfo], model: Model, t0: float
+    ) -> Loaded:
+        s3 = self.settings.s3
+        plan_done = 0.0
+        try:
+            source = await read_source(ref, store, listing)
+
+            def on_plan(plan: Any) -> None:
+                nonlocal plan_done
+                plan_done = time.monotonic()
+                model.bytes_total = plan.fetch_bytes
+
+            def progress(n: int) -> None:
+                model.bytes_done += n
+
+            loaded = await load_into_arena(
+                store, source, self.registry.sink, chunk_size=s3.chunk_size,
+                concurrency=s3.concurrency, on_plan=on_plan, progress=progress,
+            )  # fmt: skip
+        except BaseException as exc:
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+            self.registry.recent.append(LoadRecord(ref.uri, outcome, error=str(exc)))
+            raise
+        st, end = loaded.stats, time.monotonic()
+        self.registry.recent.append(
+            LoadRecord(
+                ref.uri, "ready", plan_done - t0, (st.first_byte or end) - t0,
+                st.finished - st.started, end - t0, st.bytes,
+            )
+        )  # fmt: skip
+        log.info(
+            "loaded %s: %d bytes in %.2f s (%.2f GB/s)", ref.uri, st.bytes, end - t0,
+            st.bytes / max(end - t0, 1e-9) / 1e9,
+        )  # fmt: skip
+        return loaded
+
+    async def _events(
+        self, request: pb.LoadRequest | pb.PreloadRequest, client: str, lease: bool
+    ) -> AsyncIterator[pb.LoadEvent]:
+        t0 = time.monotonic()
+        if self.stopping.is_set():
+            raise FailedPrecondition("the tensorferry daemon is shutting down; retry shortly")
+        ref = parse_uri(request.uri)
+        device = check_device(request.device)
+        check_allowed(ref, self.settings)
+        yield pb.LoadEvent(progress=pb.Progress(stage="plan"))
+        store = self._store(ref)
+        listing = await list_source(ref, store)
+        key = ModelKey(ref.uri, listing_version(listing), device)
+        model, existed = self.registry.get_or_start(
+            key, lambda m: self._cold_load(store, ref, listing, m, t0)
+        )
+        sent = -1
+        while not model.done.done():
+            await asyncio.wait([model.done], timeout=PROGRESS_INTERVAL)
+            if model.bytes_done != sent:
+                sent = model.bytes_done
+                yield pb.LoadEvent(
+                    progress=pb.Progress(
+                        stage="fetch", bytes_done=sent, bytes_total=model.bytes_total
+                    )
+                )
+        loaded = model.done.result()
+        attached = existed and model.state is State.READY and sent < 0
+        if attached:
+            self.registry.recent.append(
+                LoadRecord(ref.uri, "attached", total_seconds=time.monotonic() - t0)
+            )
+        lease_id = self.registry.add_lease(model, client) if lease else ""
+        released = asyncio.Event()
+        if lease:
+            self._released[lease_id] = released
+        try:
+            tensors = [
+                pb.TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape, offset=t.offset,
+                              nbytes=t.nbytes)
+                for t in loaded.plan.tensors
+            ]  # fmt: skip
+            for i in range(0, len(tensors), TENSORS_PER_MESSAGE):
+                batch = pb.TensorBatch(tensors=tensors[i : i + TENSORS_PER_MESSAGE])
+                yield pb.LoadEvent(tensors=batch)
+            arena = loaded.arena
+            yield pb.LoadEvent(
+                ready=pb.Ready(
+                    model_id=model.id, lease_id=lease_id,
+                    cpu_shm=pb.CpuShmGrant(name=arena.name, size=arena.size),
+                    tensor_count=len(tensors), total_bytes=loaded.plan.tensor_bytes,
+                    attached=attached, seconds=time.monotonic() - t0,
+                )
+            )  # fmt: skip
+            if lease:
+                # The open stream is the lease: hold it until the client goes away, calls
+                # Release, or the daemon stops.
+                waits = [
+                    asyncio.ensure_future(self.stopping.wait()),
+                    asyncio.ensure_future(released.wait()),
+                ]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+        finally:
+            if lease:
+                self._released.pop(lease_id, None)
+                self.registry.drop_lease(model, lease_id)
+
+    async def _stream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], lease: bool
+    ) -> AsyncIterator[pb.LoadEvent]:
+        client = getattr(request, "client_name", "") or context.peer()
+        try:
+            async for event in self._events(request, client, lease):
+                yield event
+        except Exception as exc:
+            await _abort(context, exc)
+
+    # grpc.aio recognises streaming handlers by being async generator functions.
+    async def Load(
+        self, request: pb.LoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.LoadEvent]:
+        async for event in self._stream(request, context, lease=True):
+            yield event
+
+    async def Preload(
+        self, request: pb.PreloadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.LoadEvent]:
+        async for event in self._stream(request, context, lease=False):
+            yield event
+
+    @unary
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        event = self._released.get(request.lease_id)
+        if event is not None:
+            event.set()
+        return pb.ReleaseResponse(released=event is not None)
+
+    def _model_info(self, model: Model) -> pb.ModelInfo:
+        loaded = model.loaded
+        return pb.ModelInfo(
+            model_id=model.id, uri=model.key.uri, device=model.key.device,
+            version=model.key.version, state=model.state.value,
+            bytes=loaded.arena.size if loaded else 0,
+            tensor_count=len(loaded.plan.tensors) if loaded else 0,
+            leases=len(model.leases), lease_clients=sorted(model.leases.values()),
+        )  # fmt: skip
+
+    @unary
+    async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
+        return pb.ListResponse(models=[self._model_info(m) for m in self.registry.models])
+
+    @unary
+    async def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictResponse:
+        if not request.model:
+            raise InvalidRequest("evict needs a model id or URI")
+        ids, pending = self.registry.evict(request.model)
+        return pb.EvictResponse(evicted=ids, pending_leases=pending)
+
+    @unary
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
+        models = self.registry.models
+        return pb.StatusResponse(
+            version=__version__, instance_id=self.instance, pid=os.getpid(),
+            uptime_seconds=time.monotonic() - self.started,
+            models=[self._model_info(m) for m in models],
+            recent_loads=[
+                pb.LoadRecord(
+                    uri=r.uri, outcome=r.outcome, plan_seconds=r.plan_seconds,
+                    first_byte_seconds=r.first_byte_seconds, fetch_seconds=r.fetch_seconds,
+                    total_seconds=r.total_seconds, bytes=r.bytes,
+                    gbps=r.bytes / r.total_seconds / 1e9 if r.total_seconds else 0.0,
+                    error=r.error,
+                )
+                for r in self.registry.recent
+            ],
+            resident_bytes=self.registry.sink.used,
+            shm_budget_bytes=self.registry.sink.budget,
+        )  # fmt: skip

@@ -1,0 +1,164 @@
+"""CPU arenas: one /dev/shm segment per model, shared with workers by name.
+
+Segments are named ``tensorferry.<instance>.<n>`` and each daemon instance holds an
+flock on ``tensorferry.<instance>.lock`` for its whole life. At start a daemon removes the
+segments of every instance whose lock is free: its owner is dead. PIDs are not used, as
+they repeat across containers and restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import itertools
+import logging
+import mmap
+import os
+import secrets
+from pathlib import Path
+from types import TracebackType
+
+from tensorferry.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+PREFIX = "tensorferry."
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclasses.dataclass(eq=False)
+class ShmArena:
+    name: str
+    size: int
+    path: Path
+    _map: mmap.mmap | None
+
+    @property
+    def view(self) -> memoryview:
+        assert self._map is not None, "arena already unmapped"
+        return memoryview(self._map)
+
+    def unmap(self) -> None:
+        """Drop the daemon's own mapping; the segment stays for workers."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                # A failed fetch's traceback may still hold a slice; GC unmaps it later.
+                log.debug("arena %s still exported; left to the garbage collector", self.name)
+            self._map = None
+
+
+class CpuShmSink:
+    """Creates, tracks and removes this daemon's segments."""
+
+    def __init__(self, shm_dir: Path, *, mode: int = 0o640, budget: int = 0) -> None:
+        self.shm_dir = shm_dir
+        self.mode = mode
+        self.budget = budget
+        self.instance = secrets.token_hex(6)
+        self.used = 0
+        self._arenas: dict[str, ShmArena] = {}
+        self._seq = itertools.count(1)
+        self._lock_fd: int | None = None
+        self._lock_path = shm_dir / f"{PREFIX}{self.instance}.lock"
+
+    async def __aenter__(self) -> CpuShmSink:
+        self.sweep()
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = fd
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for arena in list(self._arenas.values()):
+            self.release(arena)
+        if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._lock_path.unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def sweep(self) -> list[str]:
+        """Remove segments of dead instances (their lock is free or gone)."""
+        live: set[str] = set()
+        removed: list[str] = []
+        for lock in self.shm_dir.glob(f"{PREFIX}*.lock"):
+            instance = lock.name[len(PREFIX) : -len(".lock")]
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live.add(instance)
+                continue
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+                removed.append(lock.name)
+        for seg in self.shm_dir.glob(f"{PREFIX}*.*"):
+            instance = seg.name[len(PREFIX) :].split(".", 1)[0]
+            if instance not in live and not seg.name.endswith(".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    seg.unlink()
+                    removed.append(seg.name)
+        if removed:
+            log.warning("removed %d stale shared-memory files of dead daemons", len(removed))
+        return removed
+
+    def available(self) -> int:
+        avail = mem_available()
+        if self.budget:
+            avail = min(avail, self.budget - self.used)
+        return max(avail, 0)
+
+    def allocate(self, size: int, what: str) -> ShmArena:
+        available = self.available()
+        if size > available:
+            raise ResourceExhausted(
+                f"loading {what} needs {size} bytes of shared memory but only {available} "
+                f"are available (budget {self.budget or 'unset'}, in use {self.used}); "
+                "evict a model with `tensorferry evict` or raise [memory] shm_budget"
+            )
+        name = f"{PREFIX}{self.instance}.{next(self._seq)}"
+        path = self.shm_dir / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        try:
+            os.fchmod(fd, self.mode)  # the umask must not narrow what workers may open
+            # tmpfs never says ENOSPC on write: it OOM-kills. Reserve now to fail early.
+            os.posix_fallocate(fd, 0, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            path.unlink()
+            raise
+        os.close(fd)
+        arena = ShmArena(name, size, path, mapping)
+        self._arenas[name] = arena
+        self.used += size
+        return arena
+
+    def release(self, arena: ShmArena) -> None:
+        """Unmap and unlink; workers' existing mappings stay valid until they drop them."""
+        if self._arenas.pop(arena.name, None) is None:
+            return
+        arena.unmap()
+        with contextlib.suppress(FileNotFoundError):
+            arena.path.unlink()
+        self.used -= arena.size
+
+    @property
+    def arena_names(self) -> list[str]:
+        return sorted(self._arenas)

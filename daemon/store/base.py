@@ -1,0 +1,39 @@
+"""The storage interface every source backend implements."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str  # name relative to the store's root (a file name for local directories)
+    size: int
+    etag: str  # identifies this version of the object
+
+
+class Store(abc.ABC):
+    """One source location: a bucket prefix or a local directory.
+
+    ``read`` serves small reads (headers, index files) and returns bytes; ``read_into``
+    is the data path and writes straight into ``dest`` (an arena or a ring slot).
+    """
+
+    #: The location as a user wrote it, for messages.
+    uri: str
+
+    @abc.abstractmethod
+    async def list_objects(self) -> list[ObjectInfo]:
+        """Objects directly under the location (not recursive)."""
+
+    @abc.abstractmethod
+    async def read(self, obj: ObjectInfo, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of the object."""
+
+    @abc.abstractmethod
+    async def read_into(self, obj: ObjectInfo, start: int, dest: memoryview) -> None:
+        """Fill ``dest`` with bytes [start, start + len(dest)) of the object."""
+
+    def describe(self, obj: ObjectInfo) -> str:
+        return f"{self.uri.rstrip('/')}/{obj.key}"

@@ -1,0 +1,189 @@
+"""S3 (and S3-compatible) source: aiobotocore for credentials, signing, listing and small
+reads; the lean HTTP path in ``_http`` for the data bytes.
+
+This is the only module that imports aiobotocore, and the one table that maps the store's
+errors to ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from types import TracebackType
+from typing import Any
+
+from tensorferry.daemon.config import S3Settings
+from tensorferry.daemon.store._http import HttpError, HttpPool, transport_error
+from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.errors import (
+    AccessDenied,
+    SourceChanged,
+    SourceNotFound,
+    StoreUnavailable,
+    TensorferryError,
+)
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+           "InvalidToken", "AllAccessDisabled", "AccountProblem"}  # fmt: skip
+_XML_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+PRESIGN_SECONDS = 900
+
+
+def map_store_error(what: str, code: str, status: int, bucket: str) -> TensorferryError:
+    """Our error for an S3 error code / HTTP status (most specific match first)."""
+    if code == "NoSuchBucket":
+        return SourceNotFound(f"{what}: bucket {bucket!r} does not exist")
+    if code in ("NoSuchKey", "NotFound") or status == 404:
+        return SourceNotFound(f"{what}: no such object")
+    if code in _DENIED or status == 403:
+        return AccessDenied(
+            f"{what}: the store denied access ({code or status}); check the daemon's "
+            "credentials (instance role, AWS_PROFILE or access keys) and the bucket policy"
+        )
+    if code == "PreconditionFailed" or status == 412:
+        return SourceChanged(
+            f"{what} was replaced while it was being loaded; load it again to get the new version"
+        )
+    return StoreUnavailable(f"{what}: the store answered HTTP {status} {code}".rstrip())
+
+
+class S3Backend:
+    """The daemon's S3 client and connection pools, opened once at start."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        self.pool = HttpPool(
+            limit=settings.concurrency,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+        )
+        self._stack = contextlib.AsyncExitStack()
+        self.client: Any = None
+
+    async def __aenter__(self) -> S3Backend:
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import AioSession
+
+        s = self.settings
+        config = AioConfig(
+            signature_version="s3v4",
+            s3={"addressing_style": s.addressing_style},
+            response_checksum_validation="when_required",
+            request_checksum_calculation="when_required",
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            max_pool_connections=8,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
+        session = AioSession(profile=s.profile)
+        self.client = await self._stack.enter_async_context(
+            session.create_client(
+                "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
+            )
+        )
+        self._stack.push_async_callback(self.pool.aclose)
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.client.meta.endpoint_url)
+
+    def translate(self, what: str, bucket: str, exc: Exception) -> TensorferryError:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
+
+        if isinstance(exc, TensorferryError):
+            return exc
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            return map_store_error(what, str(err.get("Code", "")), status, bucket)
+        if isinstance(exc, NoCredentialsError):
+            return AccessDenied(
+                f"{what}: the daemon found no AWS credentials; give it an instance role, "
+                "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            )
+        if isinstance(exc, EndpointConnectionError):
+            return StoreUnavailable(f"{what}: cannot reach the store at {self.endpoint}")
+        if isinstance(exc, BotoCoreError):
+            return StoreUnavailable(f"{what}: {exc}")
+        if isinstance(exc, HttpError):
+            m = _XML_CODE.search(exc.body)
+            code = m.group(1).decode("ascii", "replace") if m else ""
+            return map_store_error(what, code, exc.status, bucket)
+        if isinstance(exc, OSError | TimeoutError):
+            return transport_error(what, exc)
+        raise exc
+
+
+class S3Store(Store):
+    """Objects under ``s3://bucket/prefix/`` (or one object when ``single`` is set)."""
+
+    def __init__(self, backend: S3Backend, bucket: str, prefix: str, single: str | None) -> None:
+        self.backend = backend
+        self.bucket = bucket
+        self.prefix = prefix
+        self.single = single
+        self.uri = f"s3://{bucket}/{prefix}"
+
+    async def list_objects(self) -> list[ObjectInfo]:
+        client = self.backend.client
+        objects: list[ObjectInfo] = []
+        token: str | None = None
+        try:
+            while True:
+                kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+                kwargs["Delimiter"] = "/"
+                if token:
+                    kwargs["ContinuationToken"] = token
+                page = await client.list_objects_v2(**kwargs)
+                for item in page.get("Contents", ()):
+                    name = item["Key"][len(self.prefix) :]
+                    if name and (self.single is None or name == self.single):
+                        objects.append(ObjectInfo(name, int(item["Size"]), item["ETag"]))
+                if not page.get("IsTruncated"):
+                    break
+                token = page["NextContinuationToken"]
+        except Exception as exc:
+            raise self.backend.translate(self.uri, self.bucket, exc) from exc
+        return objects
+
+    async def read(self, obj: ObjectInfo, start: int, length: int) -> bytes:
+        what = self.describe(obj)
+        try:
+            response = await self.backend.client.get_object(
+                Bucket=self.bucket,
+                Key=self.prefix + obj.key,
+                Range=f"bytes={start}-{start + length - 1}",
+                IfMatch=obj.etag,
+            )
+            async with response["Body"] as body:
+                data: bytes = await body.read()
+        except Exception as exc:
+            raise self.backend.translate(what, self.bucket, exc) from exc
+        if len(data) != length:
+            raise StoreUnavailable(f"{what}: asked for {length} bytes, got {len(data)}")
+        return data
+
+    async def read_into(self, obj: ObjectInfo, start: int, dest: memoryview) -> None:
+        what = self.describe(obj)
+        try:
+            # Presigning is a local HMAC with the current (refreshable) credentials, so a
+            # rotated instance-role key is picked up by the next request.
+            url = await self.backend.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self.prefix + obj.key},
+                ExpiresIn=PRESIGN_SECONDS,
+            )
+            await self.backend.pool.get_into(url, {"If-Match": obj.etag}, dest, start)
+        except Exception as exc:
+            raise self.backend.translate(what, self.bucket, exc) from exc

@@ -1,0 +1,55 @@
+"""The one place that reads tensorferry's environment variables.
+
+Each variable is documented here; nothing else in the package calls ``os.environ`` for our
+own settings. AWS variables are left to botocore's standard credential and config chain,
+except ``AWS_ENDPOINT_URL``, which the daemon's config reads to print where it fetches from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_SOCKET = Path("/run/tensorferry/tensorferry.sock")
+
+#: Unix socket of the daemon, for daemon and client alike.
+SOCKET = "TENSORFERRY_SOCKET"
+#: TOML configuration file of the daemon.
+CONFIG = "TENSORFERRY_CONFIG"
+#: Log level of the daemon (DEBUG, INFO, WARNING, ERROR).
+LOG_LEVEL = "TENSORFERRY_LOG_LEVEL"
+#: Optional S3 endpoint override (standard AWS variable).
+AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+
+
+def _get(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The socket to use: an explicit value, else $TENSORFERRY_SOCKET, else the default."""
+    if explicit is not None and str(explicit):
+        return Path(explicit)
+    env = _get(SOCKET)
+    return Path(env) if env else DEFAULT_SOCKET
+
+
+def socket_from_env() -> Path | None:
+    env = _get(SOCKET)
+    return Path(env) if env else None
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    if explicit is not None and str(explicit):
+        return Path(explicit)
+    env = _get(CONFIG)
+    return Path(env) if env else None
+
+
+def log_level() -> str | None:
+    return _get(LOG_LEVEL)
+
+
+def aws_endpoint_url() -> str | None:
+    return _get(AWS_ENDPOINT_URL)

@@ -1,0 +1,217 @@
+"""`tensorferry` command line: serve, load, preload, ls, evict, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tensorferry.errors import DaemonNotRunning, DaemonUnavailable, TensorferryError
+
+
+def _progress_bar(label: str) -> Any:
+    last = [0.0]
+    tty = sys.stderr.isatty()
+
+    def show(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2 and done != total:
+            return
+        last[0] = now
+        if total:
+            pct = done / total
+            bar = "#" * int(pct * 30)
+            line = f"{label} {stage} [{bar:<30}] {pct:6.1%} {done / 1e9:.2f}/{total / 1e9:.2f} GB"
+        else:
+            line = f"{label} {stage}..."
+        print(("\r" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import uvloop
+
+    from tensorferry.daemon.config import ConfigError, load_settings
+    from tensorferry.daemon.server import AlreadyRunning, install_signal_handlers, run_daemon
+
+    try:
+        settings = load_settings(
+            args.config, socket=args.socket, allow=tuple(args.allow),
+            allow_any_source=args.allow_any_source,
+        )  # fmt: skip
+    except ConfigError as exc:
+        print(f"tensorferry serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level or settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await run_daemon(settings, stop)
+
+    try:
+        uvloop.run(main())
+    except (ConfigError, AlreadyRunning) as exc:
+        print(f"tensorferry serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from tensorferry.client import Client
+
+    return Client(args.socket)
+
+
+def _load(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        t0 = time.monotonic()
+        show = None if args.quiet else _progress_bar(args.uri)
+        with client.load(args.uri, args.device, timeout=args.timeout, progress=show) as model:
+            seconds = time.monotonic() - t0
+            if show is not None and sys.stderr.isatty():
+                print(file=sys.stderr)
+            n, size = len(model.tensors), model.total_bytes
+            how = "attached to resident model" if model.attached else "loaded"
+            print(
+                f"{how} {model.model_id}: {n} tensors, {size / 1e9:.3f} GB in {seconds:.2f} s "
+                f"({size / max(seconds, 1e-9) / 1e9:.2f} GB/s)"
+            )
+    return 0
+
+
+def _preload(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.retry_for
+    while True:
+        try:
+            with _client(args) as client:
+                show = None if args.quiet else _progress_bar(args.uri)
+                if not args.wait:
+                    client.preload(args.uri, args.device, timeout=args.timeout)
+                    return 0
+                ready = client.preload(args.uri, args.device, timeout=args.timeout, progress=show)
+                print(f"resident: {ready.model_id} ({ready.total_bytes / 1e9:.3f} GB)")
+                return 0
+        except (DaemonNotRunning, DaemonUnavailable) as exc:
+            # Scale-out hooks often run while the daemon is still (re)starting.
+            if time.monotonic() >= deadline:
+                raise
+            print(f"waiting for the daemon: {exc}", file=sys.stderr)
+            time.sleep(1.0)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list()
+    if not models:
+        print("no resident models")
+    for m in models:
+        print(f"{m.model_id}\t{m.state}\t{m.bytes / 1e9:.3f} GB\t{m.leases} leases\t{m.uri}")
+    return 0
+
+
+def _evict(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.evict(args.model)
+    print(f"evicted {', '.join(response.evicted)}; {response.pending_leases} leases still open")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(MessageToDict(status), indent=2))
+        return 0
+    print(
+        f"tensorferry {status.version} pid {status.pid} instance {status.instance_id} "
+        f"up {status.uptime_seconds:.0f} s; resident {status.resident_bytes / 1e9:.3f} GB"
+    )
+    for m in status.models:
+        print(f"  {m.model_id} {m.state} {m.bytes / 1e9:.3f} GB leases={m.leases} {m.uri}")
+    for r in status.recent_loads:
+        print(f"  load {r.outcome} {r.uri}: plan {r.plan_seconds:.2f}s first byte "
+              f"{r.first_byte_seconds:.2f}s fetch {r.fetch_seconds:.2f}s total "
+              f"{r.total_seconds:.2f}s {r.gbps:.2f} GB/s {r.error}")  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorferry", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--socket", help="daemon socket (default: $TENSORFERRY_SOCKET or "
+                       "/run/tensorferry/tensorferry.sock)")  # fmt: skip
+        return p
+
+    p = add("serve", "run the daemon in the foreground")
+    p.add_argument("--config", help="TOML config file (default: $TENSORFERRY_CONFIG)")
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="allow a source prefix (repeatable; adds to the config's list)",
+    )
+    p.add_argument(
+        "--allow-any-source",
+        action="store_true",
+        help="serve any source the credentials reach (not recommended)",
+    )
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_serve)
+    for name, func, help in (
+        ("load", _load, "load a model and report GB/s"),
+        ("preload", _preload, "make a model resident (scale-out hooks)"),
+    ):
+        p = add(name, help)
+        p.add_argument("uri")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--timeout", type=float, default=None)
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.set_defaults(func=func)
+    p.add_argument("--wait", action="store_true", help="exit 0 only once the model is resident")
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="keep retrying this long while the daemon is not up (default 60)",
+    )
+    add("ls", "list resident models").set_defaults(func=_ls)
+    p = add("evict", "evict a model (by id or URI)")
+    p.add_argument("model")
+    p.set_defaults(func=_evict)
+    p = add("status", "daemon status and recent loads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TensorferryError as exc:
+        print(f"tensorferry {args.command}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

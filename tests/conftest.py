@@ -1,0 +1,187 @@
+"""Fixtures: one real SeaweedFS per test run, real daemons as subprocesses on real sockets.
+
+Every test gets an isolated AWS environment (no host credentials, no metadata probes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tensorferry.client import Client
+from tensorferry.devtools.seaweed import S3Server, run_seaweed
+
+BUCKET = "models"
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(autouse=True)
+def isolate_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name.startswith("TENSORFERRY_"):
+            monkeypatch.delenv(name)
+    empty = tmp_path / "aws-empty"
+    empty.write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with run_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of its own for each test, in the shared bucket."""
+    return f"{request.node.name[:40]}-{uuid.uuid4().hex[:6]}/"
+
+
+def upload(s3: S3Server, directory: Path, prefix: str, bucket: str = BUCKET) -> str:
+    client = s3.client()
+    for path in sorted(directory.iterdir()):
+        client.upload_file(str(path), bucket, prefix + path.name)
+    return f"s3://{bucket}/{prefix}"
+
+
+def short_dir() -> Path:
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    return Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
+
+
+@dataclasses.dataclass
+class Daemon:
+    socket: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    instance: str = ""
+    final_output: str | None = None
+
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def output(self) -> str:
+        if self.final_output is not None:
+            return self.final_output
+        return self.log.read_text(errors="replace")
+
+    def segments(self) -> list[str]:
+        names = (p.name for p in SHM.glob(f"tensorferry.{self.instance}.*"))
+        return sorted(n for n in names if not n.endswith(".lock"))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill_group(self) -> None:
+        """What systemd does on a crash or stop timeout: SIGKILL to the process group."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def daemon_env(s3: S3Server | None, endpoint: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    if s3 is not None:
+        env.update(s3.env())
+        if endpoint is not None:
+            env["AWS_ENDPOINT_URL"] = endpoint
+    return env
+
+
+def start_daemon(
+    env: dict[str, str],
+    *,
+    allow: list[str],
+    extra_config: str = "",
+    args: tuple[str, ...] = (),
+    wait: bool = True,
+) -> Daemon:
+    workdir = short_dir()
+    socket = workdir / "tf.sock"
+    config = workdir / "tensorferry.toml"
+    allow_toml = ", ".join(f'"{a}"' for a in allow)
+    config.write_text(
+        f'[sources]\nallow = [{allow_toml}]\n[s3]\naddressing_style = "path"\n{extra_config}'
+    )
+    log = workdir / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
+             "--socket", str(socket), *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    daemon = Daemon(socket, proc, log)
+    if wait:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {proc.returncode}:\n{daemon.output()}")
+            if socket.exists():
+                with contextlib.suppress(Exception), daemon.client() as client:
+                    daemon.instance = client.status().instance_id
+                    break
+            if time.monotonic() > deadline:
+                daemon.stop(signal.SIGKILL)
+                raise RuntimeError(f"daemon did not come up:\n{daemon.output()}")
+            time.sleep(0.05)
+    return daemon
+
+
+@contextlib.contextmanager
+def running_daemon(env: dict[str, str], **kwargs: Any) -> Iterator[Daemon]:
+    daemon = start_daemon(env, **kwargs)
+    try:
+        yield daemon
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+        leftover = daemon.segments()
+        daemon.final_output = daemon.output()
+        shutil.rmtree(daemon.socket.parent, ignore_errors=True)
+        assert leftover == [], f"daemon left shared-memory segments: {leftover}"
+
+
+@pytest.fixture
+def local_root(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def daemon(s3: S3Server, local_root: Path) -> Iterator[Daemon]:
+    """A daemon allowed to read the shared bucket and this test's local model folder."""
+    with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/", str(local_root)]) as d:
+        yield d
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, expected in want.items():
+        actual = got[name]
+        assert actual.dtype == expected.dtype, name
+        assert actual.shape == expected.shape, name
+        assert torch.equal(as_bytes(actual), as_bytes(expected)), name
