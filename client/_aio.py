@@ -11,7 +11,6 @@ import grpc
 
 from tensorferry import _env
 from tensorferry.client._client import CHANNEL_OPTIONS, LoadedModel, ProgressFn
-from tensorferry.client._views import build_views, map_cpu_arena
 from tensorferry.errors import DaemonUnavailable, daemon_not_running, from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
@@ -51,6 +50,8 @@ class AsyncClient:
         except BaseException:
             call.cancel()
             raise
+        from tensorferry.client._views import build_views, map_cpu_arena
+
         ready = event.ready
         loop = asyncio.get_running_loop()
         self._leases.add(call)

@@ -6,13 +6,11 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import torch
 
 from tensorferry import _env
-from tensorferry.client._views import build_views, map_cpu_arena
 from tensorferry.errors import (
     DaemonUnavailable,
     FailedPrecondition,
@@ -21,6 +19,9 @@ from tensorferry.errors import (
 )
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    import torch
 
 ProgressFn = Callable[[str, int, int], None]
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
@@ -162,6 +163,9 @@ class Client:
         finally:
             if timer is not None:
                 timer.cancel()
+        # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
+        from tensorferry.client._views import build_views, map_cpu_arena
+
         channel = self._channel
         channel.acquire()
 

@@ -37,7 +37,7 @@ _EARLY_BODY_GRACE_S = 2.0
 _HEADER_RANGE = re.compile(r"bytes=0-(\d+)$")
 
 
-class Kind(str, enum.Enum):  # noqa: UP042 - the tests' API names this base exactly
+class Kind(str, enum.Enum):  # noqa: UP042 - StrEnum would change str(Kind.X) in test output
     HEAD = "head"
     HEADER_GET = "header_get"
     DATA_GET = "data_get"
@@ -57,6 +57,10 @@ class RequestInfo:
 
 @dataclass(frozen=True)
 class Fault:
+    """What to do to one response. ``status`` answers from the proxy (only ``stall`` also
+    applies); ``reset_after`` resets even when the body is shorter, right after it; offsets
+    count payload bytes, so chunk framing is never touched."""
+
     content_range: str | None = None
     status: int | None = None
     s3_code: str = "SlowDown"
@@ -70,6 +74,9 @@ FaultHook = Callable[[RequestInfo], Fault | None]
 
 @dataclass
 class Stats:
+    """``faults_fired`` counts requests the hook returned a Fault for; ``open_connections``
+    counts downstream connections, which close a moment after the client drops them."""
+
     requests: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
     body_bytes: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
     open_connections: int = 0
@@ -369,6 +376,9 @@ class _Conn:
 
 
 class CountingProxy:
+    """Counts and logs every request by Kind; ``reset()`` also restarts request numbers at 1.
+    Hooks run on the proxy's loop thread; one that raises fails ``__exit__``."""
+
     def __init__(self, upstream: str, *, fault: FaultHook | None = None) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:

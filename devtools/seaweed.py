@@ -30,6 +30,7 @@ from typing import Any
 
 # The project's mypy config covers these; the explicit ignores keep `mypy --strict FILE` clean too.
 import boto3  # type: ignore[import-untyped, unused-ignore]
+import botocore.exceptions  # type: ignore[import-untyped, unused-ignore]
 import botocore.session  # type: ignore[import-untyped, unused-ignore]
 from botocore.config import Config  # type: ignore[import-untyped, unused-ignore]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped, unused-ignore]
@@ -54,6 +55,8 @@ _PORT_FLAGS = [
 _START_TRIES = 3
 _STOP_GRACE_S = 10.0
 _BUCKET_RETRY_S = 20.0
+# Connection refused/reset or timeouts; not client-side validation errors, which never heal.
+_NETWORK_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
 _TRANSIENT_CODES = {"InvalidAccessKeyId", "ServiceUnavailable", "SlowDown", "InternalError"}
 
 
@@ -96,7 +99,7 @@ class S3Server:
                     transient = code in _TRANSIENT_CODES or status >= 500
                     if not transient or time.monotonic() > deadline:
                         raise
-                except BotoCoreError:
+                except _NETWORK_ERRORS:
                     if time.monotonic() > deadline:
                         raise
                 time.sleep(0.2)
@@ -168,7 +171,7 @@ def _stop(proc: subprocess.Popen[bytes], ports: list[int]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             # WNOWAIT keeps the leader a zombie, so the group id stays ours until the SIGKILL.
-            # A clean `weed mini` shutdown takes 3-4 s (the volume server waits preStopSeconds).
+            # A clean `weed mini` shutdown takes 2-4 s (the volume server waits preStopSeconds).
             deadline = time.monotonic() + _STOP_GRACE_S
             while time.monotonic() < deadline:
                 if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)  # unwinds through run_seaweed, which stops weed
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # A shell starting us with `&` makes SIGINT ignored; Ctrl-C / kill -INT must still stop weed.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.monotonic()
     try:
         with run_seaweed(args.dir) as server:
