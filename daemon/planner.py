@@ -53,9 +53,23 @@ def align_up(n: int, to: int = ARENA_ALIGN) -> int:
     return (n + to - 1) // to * to
 
 
+def _chunks(obj: ObjectInfo, start: int, length: int, dest: int, chunk: int) -> list[Range]:
+    return [
+        Range(obj, start + pos, min(chunk, length - pos), dest + pos)
+        for pos in range(0, length, chunk)
+    ]
+
+
 def make_plan(source: Source, chunk_size: int) -> Plan:
+    """Place every file's data section verbatim, then relocate misaligned tensors.
+
+    safetensors writers keep tensors aligned to their dtype, but the format does not
+    require it, and a view of a misaligned offset cannot be built. Such a tensor also gets
+    its own aligned slot after the data sections, fetched by its own range(s).
+    """
     tensors: list[PlannedTensor] = []
     ranges: list[Range] = []
+    misaligned: list[tuple[ObjectInfo, int, str, str, tuple[int, ...], int]] = []
     seen: dict[str, str] = {}
     cursor = 0
     for obj, header in source.files:
@@ -63,20 +77,22 @@ def make_plan(source: Source, chunk_size: int) -> Plan:
         for t in header.tensors:
             if t.name in seen:
                 raise InvalidArtifact(
-                    f"tensor {t.name!r} appears in both {seen[t.name]} and {obj.key}"
+                    f"{source.ref.uri}: tensor {t.name!r} appears in both {seen[t.name]} "
+                    f"and {obj.key}"
                 )
             seen[t.name] = obj.key
-            size = DTYPE_SIZES[t.dtype]
-            if t.begin % size:
-                raise InvalidArtifact(
-                    f"{source.ref.uri}: tensor {t.name!r} in {obj.key} starts at byte "
-                    f"{t.begin} of the data section, which is not a multiple of its dtype "
-                    f"size ({t.dtype}: {size} bytes); re-save the file with safetensors"
+            if t.begin % DTYPE_SIZES[t.dtype]:
+                misaligned.append(
+                    (obj, header.data_start + t.begin, t.name, t.dtype, t.shape, t.nbytes)
                 )
-            tensors.append(PlannedTensor(t.name, t.dtype, t.shape, base + t.begin, t.nbytes))
-        for pos in range(0, header.data_len, chunk_size):
-            length = min(chunk_size, header.data_len - pos)
-            ranges.append(Range(obj, header.data_start + pos, length, base + pos))
+            else:
+                tensors.append(PlannedTensor(t.name, t.dtype, t.shape, base + t.begin, t.nbytes))
+        ranges.extend(_chunks(obj, header.data_start, header.data_len, base, chunk_size))
         cursor = base + header.data_len
+    for obj, start, name, dtype, shape, nbytes in misaligned:
+        slot = align_up(cursor, 256)
+        tensors.append(PlannedTensor(name, dtype, shape, slot, nbytes))
+        ranges.extend(_chunks(obj, start, nbytes, slot, chunk_size))
+        cursor = slot + nbytes
     tensors.sort(key=lambda t: t.name)
     return Plan(tuple(tensors), tuple(ranges), align_up(max(cursor, 1)))

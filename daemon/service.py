@@ -270,4 +270,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             ],
             resident_bytes=self.registry.sink.used,
             shm_budget_bytes=self.registry.sink.budget,
+            store_connections_open=self.backend.pool.open_connections,
+            store_connections_busy=self.backend.pool.busy_connections,
+            arenas=self.registry.sink.arena_names,
         )  # fmt: skip

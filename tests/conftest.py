@@ -26,6 +26,7 @@ from tensorferry.client import Client
 from tensorferry.devtools.seaweed import S3Server, run_seaweed
 
 BUCKET = "models"
+MISSING_BUCKET = "no-such-bucket"
 SHM = Path("/dev/shm")
 
 
@@ -170,8 +171,19 @@ def local_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def daemon(s3: S3Server, local_root: Path) -> Iterator[Daemon]:
     """A daemon allowed to read the shared bucket and this test's local model folder."""
-    with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/", str(local_root)]) as d:
+    allow = [f"s3://{BUCKET}/", f"s3://{MISSING_BUCKET}/", str(local_root)]
+    with running_daemon(daemon_env(s3), allow=allow) as d:
         yield d
+        assert_clean(d)
+
+
+def assert_clean(daemon: Daemon) -> None:
+    """Nothing held after the test: no lease, no busy store connection, no stray arena."""
+    with daemon.client() as client:
+        status = client.status()
+    assert [m.leases for m in status.models if m.leases] == []
+    assert status.store_connections_busy == 0
+    assert sorted(status.arenas) == daemon.segments()
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

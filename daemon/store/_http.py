@@ -220,6 +220,10 @@ class HttpPool:
         self.open_connections += 1
         return conn
 
+    @property
+    def busy_connections(self) -> int:
+        return self.open_connections - sum(len(v) for v in self._idle.values())
+
     def _discard(self, conn: _Conn) -> None:
         if conn.transport is not None:
             conn.transport.abort()
