@@ -112,15 +112,18 @@ def start_daemon(
     *,
     allow: list[str],
     extra_config: str = "",
+    s3_config: str = "",
     args: tuple[str, ...] = (),
     wait: bool = True,
+    socket: Path | None = None,
 ) -> Daemon:
     workdir = short_dir()
-    socket = workdir / "tf.sock"
+    socket = socket or workdir / "tf.sock"
     config = workdir / "tensorferry.toml"
     allow_toml = ", ".join(f'"{a}"' for a in allow)
     config.write_text(
-        f'[sources]\nallow = [{allow_toml}]\n[s3]\naddressing_style = "path"\n{extra_config}'
+        f'[sources]\nallow = [{allow_toml}]\n[s3]\naddressing_style = "path"\n{s3_config}\n'
+        f"{extra_config}"
     )
     log = workdir / "daemon.log"
     with open(log, "wb") as out:
@@ -157,7 +160,7 @@ def running_daemon(env: dict[str, str], **kwargs: Any) -> Iterator[Daemon]:
             daemon.stop()
         leftover = daemon.segments()
         daemon.final_output = daemon.output()
-        shutil.rmtree(daemon.socket.parent, ignore_errors=True)
+        shutil.rmtree(daemon.log.parent, ignore_errors=True)
         assert leftover == [], f"daemon left shared-memory segments: {leftover}"
 
 

@@ -1,0 +1,169 @@
+"""One resident copy for many workers: shared fetches, attach without GETs, leases."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tensorferry.devtools.modelgen import write_model
+from tensorferry.devtools.proxy import CountingProxy, Fault, Kind, RequestInfo
+from tensorferry.devtools.seaweed import S3Server
+from tests.conftest import (
+    BUCKET,
+    assert_clean,
+    daemon_env,
+    running_daemon,
+    start_daemon,
+    upload,
+)
+
+WORKER = str(Path(__file__).with_name("worker.py"))
+SLOW = 'chunk_size = "1MiB"\nconcurrency = 2'
+
+
+def worker(socket: Path, uri: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, WORKER, str(socket), uri],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def read_until_ready(proc: subprocess.Popen[str]) -> list[str]:
+    assert proc.stdout is not None
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        assert line, "worker exited before ready"
+        lines.append(line.strip())
+        if line.startswith("ready"):
+            return lines
+
+
+def data_bytes(directory: Path) -> int:
+    import struct
+
+    total = 0
+    for f in directory.glob("*.safetensors"):
+        (n,) = struct.unpack("<Q", f.read_bytes()[:8])
+        total += f.stat().st_size - 8 - n
+    return total
+
+
+def test_overlapping_loads_share_one_fetch_and_attach_needs_no_get(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 12 << 20, shards=2, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+
+    def slow_data(req: RequestInfo) -> Fault | None:
+        return Fault(stall=0.15) if req.kind is Kind.DATA_GET else None
+
+    with (
+        CountingProxy(s3.endpoint, fault=slow_data) as proxy,
+        running_daemon(
+            daemon_env(s3, proxy.endpoint), allow=[f"s3://{BUCKET}/"], s3_config=SLOW
+        ) as d,
+    ):
+        proxy.reset()
+        first = worker(d.socket, uri)
+        assert first.stdout is not None
+        done, total = 0, 1
+        while not done:  # wait until the first load is fetching, then start the second
+            fields = first.stdout.readline().split()
+            assert fields[0] == "progress", fields
+            done, total = int(fields[1]), int(fields[2])
+        assert done < total / 2
+        second = worker(d.socket, uri)
+        ready_first = read_until_ready(first)[-1].split()
+        ready_second = read_until_ready(second)[-1].split()
+        assert ready_first[1:] == ready_second[1:]  # same model id, tensors and checksum
+        stats = proxy.stats()
+        assert stats.body_bytes[Kind.DATA_GET] == data_bytes(tmp_path / "m")
+        with d.client() as client:
+            assert client.list()[0].leases == 2
+        proxy.reset()
+        proxy.set_fault(None)
+        third = worker(d.socket, uri)
+        assert read_until_ready(third)[-1].split()[1:] == ready_first[1:]
+        stats = proxy.stats()
+        gets = sum(stats.requests[k] for k in (Kind.HEADER_GET, Kind.DATA_GET, Kind.OBJECT_GET))
+        assert gets == 0
+        assert stats.requests[Kind.LIST] == 1  # the version check
+        for p in (first, second, third):
+            p.communicate("", timeout=30)
+        assert_clean(d)
+
+
+def test_sigkilled_worker_loses_its_lease_and_eviction_frees_the_segment(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 2 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+    with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"]) as d:
+        w = worker(d.socket, uri)
+        read_until_ready(w)
+        with d.client() as client:
+            assert client.list()[0].leases == 1
+            client.evict(uri)
+            assert len(d.segments()) == 1  # held by the lease
+            w.send_signal(signal.SIGKILL)
+            w.wait(10)
+            assert w.stdout is not None
+            assert w.stdin is not None
+            w.stdout.close()
+            w.stdin.close()
+            t0 = time.monotonic()
+            while client.list() and time.monotonic() - t0 < 5:
+                time.sleep(0.02)
+            print(f"lease gone {time.monotonic() - t0:.3f} s after SIGKILL")
+            assert client.list() == []
+        assert d.segments() == []
+
+
+def test_crash_recovery_sweeps_the_dead_daemons_segments(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 8 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+
+    def slow_data(req: RequestInfo) -> Fault | None:
+        return Fault(stall=0.2) if req.kind is Kind.DATA_GET else None
+
+    with CountingProxy(s3.endpoint, fault=slow_data) as proxy:
+        env = daemon_env(s3, proxy.endpoint)
+        allow = [f"s3://{BUCKET}/"]
+        crashed = start_daemon(env, allow=allow, s3_config=SLOW)
+        w = subprocess.Popen(
+            [sys.executable, WORKER, str(crashed.socket), uri],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert w.stdout is not None
+        assert w.stdout.readline().startswith("progress")  # mid-load
+        crashed.kill_group()  # as systemd does: the whole process group, SIGKILL
+        out, err = w.communicate("", timeout=30)
+        assert w.returncode != 0
+        assert f"tensorferry daemon is not running at {crashed.socket}" in err
+        stale = crashed.segments()
+        assert stale != []  # nothing cleaned up after the crash...
+        assert crashed.socket.exists()
+        hook = subprocess.Popen(
+            [sys.executable, "-m", "tensorferry", "preload", uri, "--wait", "-q",
+             "--socket", str(crashed.socket), "--retry-for", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.5)  # the hook is retrying while the daemon is down
+        assert hook.poll() is None
+        proxy.set_fault(None)
+        with running_daemon(env, allow=allow, socket=crashed.socket) as restarted:
+            out, err = hook.communicate(timeout=60)
+            assert hook.returncode == 0, err
+            assert out.startswith("resident: ")
+            assert "waiting for the daemon: tensorferry daemon is not running" in err
+            assert crashed.segments() == []  # ...until the next start swept them
+            assert "removed" in restarted.output()
+        assert "resource_tracker" not in crashed.output() + restarted.output()
+        shutil.rmtree(crashed.log.parent, ignore_errors=True)
