@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Sequence
 from types import TracebackType
 
 import grpc
@@ -25,12 +26,13 @@ class AsyncClient:
 
     async def load(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
-        progress: ProgressFn | None = None, client_name: str = "",
+        progress: ProgressFn | None = None, client_name: str = "", select: Sequence[str] = (),
     ) -> LoadedModel:  # fmt: skip
         if not os.path.exists(self.socket):
             raise daemon_not_running(self.socket, "no socket file")
         name = client_name or f"pid {os.getpid()}"
-        call = self._stub.Load(pb.LoadRequest(uri=uri, device=device, client_name=name))
+        request = pb.LoadRequest(uri=uri, device=device, client_name=name, select=select)
+        call = self._stub.Load(request)
         table: list[pb.TensorInfo] = []
         try:
             async with asyncio.timeout(timeout):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,7 @@ class LoadedModel:
         self.total_bytes = ready.total_bytes
         self.attached = ready.attached
         self.seconds = ready.seconds
+        self.files = list(ready.files)
         self.tensors = tensors
 
     def close(self) -> None:
@@ -132,13 +133,18 @@ class Client:
         timeout: float | None = None,
         progress: ProgressFn | None = None,
         client_name: str = "",
+        select: Sequence[str] = (),
     ) -> LoadedModel:
-        """Load (or attach to) a model; blocks until it is resident, then holds a lease."""
+        """Load (or attach to) a model; blocks until it is resident, then holds a lease.
+
+        ``select`` takes tensor names or glob patterns: only those tensors are fetched.
+        """
         if self._channel is None:
             raise FailedPrecondition("this Client is closed")
         self._check_socket()
         name = client_name or f"pid {os.getpid()}"
-        call = self._stub.Load(pb.LoadRequest(uri=uri, device=device, client_name=name))
+        request = pb.LoadRequest(uri=uri, device=device, client_name=name, select=select)
+        call = self._stub.Load(request)
         timer = threading.Timer(timeout, call.cancel) if timeout else None
         if timer is not None:
             timer.daemon = True
@@ -182,15 +188,27 @@ class Client:
 
     def preload(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
-        progress: ProgressFn | None = None,
+        progress: ProgressFn | None = None, select: Sequence[str] = (),
     ) -> pb.Ready:  # fmt: skip
         """Make a model resident without holding it; returns the daemon's ready event."""
         self._check_socket()
         try:
-            call = self._stub.Preload(pb.PreloadRequest(uri=uri, device=device), timeout=timeout)
+            request = pb.PreloadRequest(uri=uri, device=device, select=select)
+            call = self._stub.Preload(request, timeout=timeout)
             return collect(call, progress)[0]
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.socket) from None
+
+    def read_file(self, uri: str, name: str, *, timeout: float | None = 60) -> bytes:
+        """A non-weight file of the source (``LoadedModel.files`` lists them)."""
+        self._check_socket()
+        parts: list[bytes] = []
+        try:
+            for chunk in self._stub.GetFile(pb.GetFileRequest(uri=uri, name=name), timeout=timeout):
+                parts.append(chunk.data)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
+        return b"".join(parts)
 
     def release(self, lease_id: str) -> bool:
         response = self._call(self._stub.Release, pb.ReleaseRequest(lease_id=lease_id), 10)

@@ -27,10 +27,11 @@ async def load_into_arena(
     *,
     chunk_size: int,
     concurrency: int,
+    select: tuple[str, ...] = (),
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],
 ) -> Loaded:
-    plan = make_plan(source, chunk_size)
+    plan = make_plan(source, chunk_size, select)
     on_plan(plan)
     arena = sink.allocate(plan.arena_size, source.ref.uri)
     try:

@@ -1,18 +1,19 @@
 """Plan a load: where each tensor lives in the arena, and which byte ranges to fetch.
 
-Each file's data section is copied verbatim to a 4 KiB-aligned base in the arena, so a
-tensor's arena offset is base + its offset in the data section, and the fetch is a run of
-uniform chunks (the last one shorter) that land at their final place with no extra copy.
+Ranges land at their final place in the arena: no copy after the fetch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
+from collections.abc import Callable
 
-from tensorferry.daemon.safetensors import DTYPE_SIZES
+from tensorferry.daemon.safetensors import DTYPE_SIZES, TensorEntry
 from tensorferry.daemon.source import Source
 from tensorferry.daemon.store.base import ObjectInfo
-from tensorferry.errors import InvalidArtifact
+from tensorferry.errors import InvalidArtifact, InvalidRequest
 
 ARENA_ALIGN = 4096
 
@@ -60,20 +61,45 @@ def _chunks(obj: ObjectInfo, start: int, length: int, dest: int, chunk: int) -> 
     ]
 
 
-def make_plan(source: Source, chunk_size: int) -> Plan:
-    """Place every file's data section verbatim, then relocate misaligned tensors.
+def selector(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    if not patterns:
+        return lambda name: True
+    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+    return lambda name: regex.match(name) is not None
 
-    safetensors writers keep tensors aligned to their dtype, but the format does not
-    require it, and a view of a misaligned offset cannot be built. Such a tensor also gets
-    its own aligned slot after the data sections, fetched by its own range(s).
+
+def _runs(tensors: list[TensorEntry]) -> list[list[TensorEntry]]:
+    """Group tensors whose bytes touch, so one range can carry several of them.
+
+    Only touching tensors merge: a gap would mean fetching bytes nobody selected.
     """
+    runs: list[list[TensorEntry]] = []
+    for t in sorted(tensors, key=lambda t: (t.begin, t.end)):
+        if runs and t.begin == runs[-1][-1].end:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
+
+
+def make_plan(source: Source, chunk_size: int, select: tuple[str, ...] = ()) -> Plan:
+    """Lay out the selected tensors in the arena and cut their bytes into ranges.
+
+    A run of touching tensors lands verbatim at a base congruent to its file offset modulo
+    4 KiB, so every tensor keeps the alignment it had in its file; with no selection, each
+    file's data section is one run and arrives as uniform chunks. safetensors writers keep
+    tensors aligned to their dtype, but the format does not require it, and a view of a
+    misaligned offset cannot be built: such a tensor gets its own aligned slot.
+    """
+    wanted = selector(select)
     tensors: list[PlannedTensor] = []
     ranges: list[Range] = []
-    misaligned: list[tuple[ObjectInfo, int, str, str, tuple[int, ...], int]] = []
+    misaligned: list[tuple[ObjectInfo, int, TensorEntry]] = []
     seen: dict[str, str] = {}
+    matched: set[str] = set()
     cursor = 0
     for obj, header in source.files:
-        base = align_up(cursor)
+        chosen: list[TensorEntry] = []
         for t in header.tensors:
             if t.name in seen:
                 raise InvalidArtifact(
@@ -81,18 +107,28 @@ def make_plan(source: Source, chunk_size: int) -> Plan:
                     f"and {obj.key}"
                 )
             seen[t.name] = obj.key
+            if not wanted(t.name):
+                continue
+            matched.add(t.name)
             if t.begin % DTYPE_SIZES[t.dtype]:
-                misaligned.append(
-                    (obj, header.data_start + t.begin, t.name, t.dtype, t.shape, t.nbytes)
-                )
+                misaligned.append((obj, header.data_start, t))
             else:
-                tensors.append(PlannedTensor(t.name, t.dtype, t.shape, base + t.begin, t.nbytes))
-        ranges.extend(_chunks(obj, header.data_start, header.data_len, base, chunk_size))
-        cursor = base + header.data_len
-    for obj, start, name, dtype, shape, nbytes in misaligned:
+                chosen.append(t)
+        for run in _runs(chosen):
+            begin, end = run[0].begin, run[-1].end
+            base = align_up(cursor) + begin % ARENA_ALIGN
+            for t in run:
+                offset = base + t.begin - begin
+                tensors.append(PlannedTensor(t.name, t.dtype, t.shape, offset, t.nbytes))
+            ranges.extend(_chunks(obj, header.data_start + begin, end - begin, base, chunk_size))
+            cursor = base + end - begin
+    for obj, data_start, t in misaligned:
         slot = align_up(cursor, 256)
-        tensors.append(PlannedTensor(name, dtype, shape, slot, nbytes))
-        ranges.extend(_chunks(obj, start, nbytes, slot, chunk_size))
-        cursor = slot + nbytes
+        tensors.append(PlannedTensor(t.name, t.dtype, t.shape, slot, t.nbytes))
+        ranges.extend(_chunks(obj, data_start + t.begin, t.nbytes, slot, chunk_size))
+        cursor = slot + t.nbytes
+    for pattern in select:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in matched):
+            raise InvalidRequest(f"{source.ref.uri}: selection {pattern!r} matches no tensor")
     tensors.sort(key=lambda t: t.name)
     return Plan(tuple(tensors), tuple(ranges), align_up(max(cursor, 1)))

@@ -35,6 +35,7 @@ class ModelKey:
     uri: str
     version: str
     device: str
+    select: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(eq=False)

@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -31,13 +31,21 @@ from tensorferry.daemon.source import (
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.daemon.store.local import LocalStore
 from tensorferry.daemon.store.s3 import S3Backend, S3Store
-from tensorferry.errors import FailedPrecondition, InvalidRequest, TensorferryError, to_status
+from tensorferry.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    SourceNotFound,
+    TensorferryError,
+    to_status,
+)
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 TENSORS_PER_MESSAGE = 2000  # ~200 KB per message, far below gRPC's 4 MiB default
 PROGRESS_INTERVAL = 0.1
+FILE_CHUNK = 1 << 20
+MAX_FILE_BYTES = 256 << 20
 T = TypeVar("T")
 
 
@@ -72,6 +80,22 @@ def check_device(device: str) -> str:
             "device='cpu' or run the daemon on a GPU host"
         )
     raise InvalidRequest(f"device {device!r} is not supported: use 'cpu' or 'cuda:N'")
+
+
+MAX_PATTERNS = 10_000
+
+
+def check_select(patterns: Sequence[str]) -> tuple[str, ...]:
+    if len(patterns) > MAX_PATTERNS:
+        raise InvalidRequest(f"a selection may have at most {MAX_PATTERNS} names or patterns")
+    for p in patterns:
+        if not p or len(p) > 1024:
+            raise InvalidRequest(f"selection entry {p[:64]!r} must be 1..1024 characters")
+    return tuple(sorted(set(patterns)))
+
+
+def extra_files(listing: list[ObjectInfo]) -> list[str]:
+    return sorted(o.key for o in listing if not o.key.endswith(".safetensors"))
 
 
 class LoaderService(pb_grpc.LoaderServicer):
@@ -110,7 +134,8 @@ class LoaderService(pb_grpc.LoaderServicer):
 
             loaded = await load_into_arena(
                 store, source, self.registry.sink, chunk_size=s3.chunk_size,
-                concurrency=s3.concurrency, on_plan=on_plan, progress=progress,
+                concurrency=s3.concurrency, select=model.key.select, on_plan=on_plan,
+                progress=progress,
             )  # fmt: skip
         except BaseException as exc:
             outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
@@ -137,11 +162,12 @@ class LoaderService(pb_grpc.LoaderServicer):
             raise FailedPrecondition("the tensorferry daemon is shutting down; retry shortly")
         ref = parse_uri(request.uri)
         device = check_device(request.device)
+        select = check_select(request.select)
         check_allowed(ref, self.settings)
         yield pb.LoadEvent(progress=pb.Progress(stage="plan"))
         store = self._store(ref)
         listing = await list_source(ref, store)
-        key = ModelKey(ref.uri, listing_version(listing), device)
+        key = ModelKey(ref.uri, listing_version(listing), device, select)
         model, existed = self.registry.get_or_start(
             key, lambda m: self._cold_load(store, ref, listing, m, t0)
         )
@@ -181,6 +207,7 @@ class LoaderService(pb_grpc.LoaderServicer):
                     cpu_shm=pb.CpuShmGrant(name=arena.name, size=arena.size),
                     tensor_count=len(tensors), total_bytes=loaded.plan.tensor_bytes,
                     attached=attached, seconds=time.monotonic() - t0,
+                    files=extra_files(listing),
                 )
             )  # fmt: skip
             if lease:
@@ -229,6 +256,37 @@ class LoaderService(pb_grpc.LoaderServicer):
         if event is not None:
             event.set()
         return pb.ReleaseResponse(released=event is not None)
+
+    async def GetFile(
+        self, request: pb.GetFileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.FileChunk]:
+        try:
+            async for chunk in self._file_chunks(request):
+                yield chunk
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def _file_chunks(self, request: pb.GetFileRequest) -> AsyncIterator[pb.FileChunk]:
+        ref = parse_uri(request.uri)
+        check_allowed(ref, self.settings)
+        store = self._store(ref)
+        listing = await list_source(ref, store)
+        obj = next((o for o in listing if o.key == request.name), None)
+        if obj is None or request.name not in extra_files(listing):
+            raise SourceNotFound(
+                f"{ref.uri}: no file {request.name!r}; the files a source offers are listed "
+                "in the ready event of Load"
+            )
+        if obj.size > MAX_FILE_BYTES:
+            raise InvalidRequest(
+                f"{store.describe(obj)} has {obj.size} bytes; GetFile serves files up to "
+                f"{MAX_FILE_BYTES} bytes"
+            )
+        if obj.size == 0:
+            yield pb.FileChunk(data=b"", offset=0, size=0)
+        for offset in range(0, obj.size, FILE_CHUNK):
+            data = await store.read(obj, offset, min(FILE_CHUNK, obj.size - offset))
+            yield pb.FileChunk(data=data, offset=offset, size=obj.size)
 
     def _model_info(self, model: Model) -> pb.ModelInfo:
         loaded = model.loaded

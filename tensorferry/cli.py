@@ -77,7 +77,9 @@ def _load(args: argparse.Namespace) -> int:
     with _client(args) as client:
         t0 = time.monotonic()
         show = None if args.quiet else _progress_bar(args.uri)
-        with client.load(args.uri, args.device, timeout=args.timeout, progress=show) as model:
+        with client.load(
+            args.uri, args.device, timeout=args.timeout, progress=show, select=args.select
+        ) as model:
             seconds = time.monotonic() - t0
             if show is not None and sys.stderr.isatty():
                 print(file=sys.stderr)
@@ -97,9 +99,11 @@ def _preload(args: argparse.Namespace) -> int:
             with _client(args) as client:
                 show = None if args.quiet else _progress_bar(args.uri)
                 if not args.wait:
-                    client.preload(args.uri, args.device, timeout=args.timeout)
+                    client.preload(args.uri, args.device, timeout=args.timeout, select=args.select)
                     return 0
-                ready = client.preload(args.uri, args.device, timeout=args.timeout, progress=show)
+                ready = client.preload(
+                    args.uri, args.device, timeout=args.timeout, progress=show, select=args.select
+                )
                 print(f"resident: {ready.model_id} ({ready.total_bytes / 1e9:.3f} GB)")
                 return 0
         except (DaemonNotRunning, DaemonUnavailable) as exc:
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--timeout", type=float, default=None)
         p.add_argument("-q", "--quiet", action="store_true")
+        p.add_argument("--select", action="append", default=[], metavar="PATTERN",
+                       help="only these tensors (names or glob patterns; repeatable)")  # fmt: skip
         p.set_defaults(func=func)
     p.add_argument("--wait", action="store_true", help="exit 0 only once the model is resident")
     p.add_argument(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tensorferry/v1/tensorferry.proto\x12\x0etensorferry.v1\"?\n\x0bLoadRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x03 \x01(\t\"B\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\"X\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\":\n\x0bTensorBatch\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.tensorferry.v1.TensorInfo\")\n\x0b\x43puShmGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"R\n\x0c\x43udaIpcGrant\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08gpu_uuid\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\"\xe4\x01\n\x05Ready\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12.\n\x07\x63pu_shm\x18\x03 \x01(\x0b\x32\x1b.tensorferry.v1.CpuShmGrantH\x00\x12\x30\n\x08\x63uda_ipc\x18\x04 \x01(\x0b\x32\x1c.tensorferry.v1.CudaIpcGrantH\x00\x12\x14\n\x0ctensor_count\x18\x05 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x61ttached\x18\x07 \x01(\x08\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x42\x07\n\x05grant\"\x9a\x01\n\tLoadEvent\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.tensorferry.v1.ProgressH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.tensorferry.v1.TensorBatchH\x00\x12&\n\x05ready\x18\x03 \x01(\x0b\x32\x15.tensorferry.v1.ReadyH\x00\x42\x07\n\x05\x65vent\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"-\n\x0ePreloadRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"\r\n\x0bListRequest\"\xa6\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x14\n\x0ctensor_count\x18\x07 \x01(\r\x12\x0e\n\x06leases\x18\x08 \x01(\r\x12\x15\n\rlease_clients\x18\t \x03(\t\"9\n\x0cListResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tensorferry.v1.ModelInfo\"\x1d\n\x0c\x45victRequest\x12\r\n\x05model\x18\x01 \x01(\t\"8\n\rEvictResponse\x12\x0f\n\x07\x65victed\x18\x01 \x03(\t\x12\x16\n\x0epending_leases\x18\x02 \x01(\r\"\x0f\n\rStatusRequest\"\xb6\x01\n\nLoadRecord\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x14\n\x0cplan_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x66irst_byte_seconds\x18\x04 \x01(\x01\x12\x15\n\rfetch_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x0c\n\x04gbps\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\"\xba\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12)\n\x06models\x18\x05 \x03(\x0b\x32\x19.tensorferry.v1.ModelInfo\x12\x30\n\x0crecent_loads\x18\x06 \x03(\x0b\x32\x1a.tensorferry.v1.LoadRecord\x12\x16\n\x0eresident_bytes\x18\x07 \x01(\x04\x12\x18\n\x10shm_budget_bytes\x18\x08 \x01(\x04\x12\x1e\n\x16store_connections_open\x18\t \x01(\r\x12\x0e\n\x06\x61renas\x18\n \x03(\t\x12\x1e\n\x16store_connections_busy\x18\x0b \x01(\r2\xb0\x03\n\x06Loader\x12@\n\x04Load\x12\x1b.tensorferry.v1.LoadRequest\x1a\x19.tensorferry.v1.LoadEvent0\x01\x12J\n\x07Release\x12\x1e.tensorferry.v1.ReleaseRequest\x1a\x1f.tensorferry.v1.ReleaseResponse\x12\x46\n\x07Preload\x12\x1e.tensorferry.v1.PreloadRequest\x1a\x19.tensorferry.v1.LoadEvent0\x01\x12\x41\n\x04List\x12\x1b.tensorferry.v1.ListRequest\x1a\x1c.tensorferry.v1.ListResponse\x12\x44\n\x05\x45vict\x12\x1c.tensorferry.v1.EvictRequest\x1a\x1d.tensorferry.v1.EvictResponse\x12G\n\x06Status\x12\x1d.tensorferry.v1.StatusRequest\x1a\x1e.tensorferry.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tensorferry/v1/tensorferry.proto\x12\x0etensorferry.v1\"O\n\x0bLoadRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x03 \x01(\t\x12\x0e\n\x06select\x18\x04 \x03(\t\"B\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\"X\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\":\n\x0bTensorBatch\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.tensorferry.v1.TensorInfo\")\n\x0b\x43puShmGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"R\n\x0c\x43udaIpcGrant\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08gpu_uuid\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\"\xf3\x01\n\x05Ready\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12.\n\x07\x63pu_shm\x18\x03 \x01(\x0b\x32\x1b.tensorferry.v1.CpuShmGrantH\x00\x12\x30\n\x08\x63uda_ipc\x18\x04 \x01(\x0b\x32\x1c.tensorferry.v1.CudaIpcGrantH\x00\x12\x14\n\x0ctensor_count\x18\x05 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x61ttached\x18\x07 \x01(\x08\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\r\n\x05\x66iles\x18\t \x03(\tB\x07\n\x05grant\"\x9a\x01\n\tLoadEvent\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.tensorferry.v1.ProgressH\x00\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.tensorferry.v1.TensorBatchH\x00\x12&\n\x05ready\x18\x03 \x01(\x0b\x32\x15.tensorferry.v1.ReadyH\x00\x42\x07\n\x05\x65vent\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"=\n\x0ePreloadRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06select\x18\x04 \x03(\t\"\r\n\x0bListRequest\"\xa6\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x14\n\x0ctensor_count\x18\x07 \x01(\r\x12\x0e\n\x06leases\x18\x08 \x01(\r\x12\x15\n\rlease_clients\x18\t \x03(\t\"9\n\x0cListResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tensorferry.v1.ModelInfo\"\x1d\n\x0c\x45victRequest\x12\r\n\x05model\x18\x01 \x01(\t\"8\n\rEvictResponse\x12\x0f\n\x07\x65victed\x18\x01 \x03(\t\x12\x16\n\x0epending_leases\x18\x02 \x01(\r\"\x0f\n\rStatusRequest\"\xb6\x01\n\nLoadRecord\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x14\n\x0cplan_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x66irst_byte_seconds\x18\x04 \x01(\x01\x12\x15\n\rfetch_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x0c\n\x04gbps\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\"\xba\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12)\n\x06models\x18\x05 \x03(\x0b\x32\x19.tensorferry.v1.ModelInfo\x12\x30\n\x0crecent_loads\x18\x06 \x03(\x0b\x32\x1a.tensorferry.v1.LoadRecord\x12\x16\n\x0eresident_bytes\x18\x07 \x01(\x04\x12\x18\n\x10shm_budget_bytes\x18\x08 \x01(\x04\x12\x1e\n\x16store_connections_open\x18\t \x01(\r\x12\x0e\n\x06\x61renas\x18\n \x03(\t\x12\x1e\n\x16store_connections_busy\x18\x0b \x01(\r\"+\n\x0eGetFileRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"7\n\tFileChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x32\xf8\x03\n\x06Loader\x12@\n\x04Load\x12\x1b.tensorferry.v1.LoadRequest\x1a\x19.tensorferry.v1.LoadEvent0\x01\x12J\n\x07Release\x12\x1e.tensorferry.v1.ReleaseRequest\x1a\x1f.tensorferry.v1.ReleaseResponse\x12\x46\n\x07Preload\x12\x1e.tensorferry.v1.PreloadRequest\x1a\x19.tensorferry.v1.LoadEvent0\x01\x12\x41\n\x04List\x12\x1b.tensorferry.v1.ListRequest\x1a\x1c.tensorferry.v1.ListResponse\x12\x44\n\x05\x45vict\x12\x1c.tensorferry.v1.EvictRequest\x1a\x1d.tensorferry.v1.EvictResponse\x12G\n\x06Status\x12\x1d.tensorferry.v1.StatusRequest\x1a\x1e.tensorferry.v1.StatusResponse\x12\x46\n\x07GetFile\x12\x1e.tensorferry.v1.GetFileRequest\x1a\x19.tensorferry.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,43 +32,47 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorferry.v1.tensorferry_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOADREQUEST']._serialized_start=52
-  _globals['_LOADREQUEST']._serialized_end=115
-  _globals['_PROGRESS']._serialized_start=117
-  _globals['_PROGRESS']._serialized_end=183
-  _globals['_TENSORINFO']._serialized_start=185
-  _globals['_TENSORINFO']._serialized_end=273
-  _globals['_TENSORBATCH']._serialized_start=275
-  _globals['_TENSORBATCH']._serialized_end=333
-  _globals['_CPUSHMGRANT']._serialized_start=335
-  _globals['_CPUSHMGRANT']._serialized_end=376
-  _globals['_CUDAIPCGRANT']._serialized_start=378
-  _globals['_CUDAIPCGRANT']._serialized_end=460
-  _globals['_READY']._serialized_start=463
-  _globals['_READY']._serialized_end=691
-  _globals['_LOADEVENT']._serialized_start=694
-  _globals['_LOADEVENT']._serialized_end=848
-  _globals['_RELEASEREQUEST']._serialized_start=850
-  _globals['_RELEASEREQUEST']._serialized_end=884
-  _globals['_RELEASERESPONSE']._serialized_start=886
-  _globals['_RELEASERESPONSE']._serialized_end=921
-  _globals['_PRELOADREQUEST']._serialized_start=923
-  _globals['_PRELOADREQUEST']._serialized_end=968
-  _globals['_LISTREQUEST']._serialized_start=970
-  _globals['_LISTREQUEST']._serialized_end=983
-  _globals['_MODELINFO']._serialized_start=986
-  _globals['_MODELINFO']._serialized_end=1152
-  _globals['_LISTRESPONSE']._serialized_start=1154
-  _globals['_LISTRESPONSE']._serialized_end=1211
-  _globals['_EVICTREQUEST']._serialized_start=1213
-  _globals['_EVICTREQUEST']._serialized_end=1242
-  _globals['_EVICTRESPONSE']._serialized_start=1244
-  _globals['_EVICTRESPONSE']._serialized_end=1300
-  _globals['_STATUSREQUEST']._serialized_start=1302
-  _globals['_STATUSREQUEST']._serialized_end=1317
-  _globals['_LOADRECORD']._serialized_start=1320
-  _globals['_LOADRECORD']._serialized_end=1502
-  _globals['_STATUSRESPONSE']._serialized_start=1505
-  _globals['_STATUSRESPONSE']._serialized_end=1819
-  _globals['_LOADER']._serialized_start=1822
-  _globals['_LOADER']._serialized_end=2254
+  _globals['_LOADREQUEST']._serialized_end=131
+  _globals['_PROGRESS']._serialized_start=133
+  _globals['_PROGRESS']._serialized_end=199
+  _globals['_TENSORINFO']._serialized_start=201
+  _globals['_TENSORINFO']._serialized_end=289
+  _globals['_TENSORBATCH']._serialized_start=291
+  _globals['_TENSORBATCH']._serialized_end=349
+  _globals['_CPUSHMGRANT']._serialized_start=351
+  _globals['_CPUSHMGRANT']._serialized_end=392
+  _globals['_CUDAIPCGRANT']._serialized_start=394
+  _globals['_CUDAIPCGRANT']._serialized_end=476
+  _globals['_READY']._serialized_start=479
+  _globals['_READY']._serialized_end=722
+  _globals['_LOADEVENT']._serialized_start=725
+  _globals['_LOADEVENT']._serialized_end=879
+  _globals['_RELEASEREQUEST']._serialized_start=881
+  _globals['_RELEASEREQUEST']._serialized_end=915
+  _globals['_RELEASERESPONSE']._serialized_start=917
+  _globals['_RELEASERESPONSE']._serialized_end=952
+  _globals['_PRELOADREQUEST']._serialized_start=954
+  _globals['_PRELOADREQUEST']._serialized_end=1015
+  _globals['_LISTREQUEST']._serialized_start=1017
+  _globals['_LISTREQUEST']._serialized_end=1030
+  _globals['_MODELINFO']._serialized_start=1033
+  _globals['_MODELINFO']._serialized_end=1199
+  _globals['_LISTRESPONSE']._serialized_start=1201
+  _globals['_LISTRESPONSE']._serialized_end=1258
+  _globals['_EVICTREQUEST']._serialized_start=1260
+  _globals['_EVICTREQUEST']._serialized_end=1289
+  _globals['_EVICTRESPONSE']._serialized_start=1291
+  _globals['_EVICTRESPONSE']._serialized_end=1347
+  _globals['_STATUSREQUEST']._serialized_start=1349
+  _globals['_STATUSREQUEST']._serialized_end=1364
+  _globals['_LOADRECORD']._serialized_start=1367
+  _globals['_LOADRECORD']._serialized_end=1549
+  _globals['_STATUSRESPONSE']._serialized_start=1552
+  _globals['_STATUSRESPONSE']._serialized_end=1866
+  _globals['_GETFILEREQUEST']._serialized_start=1868
+  _globals['_GETFILEREQUEST']._serialized_end=1911
+  _globals['_FILECHUNK']._serialized_start=1913
+  _globals['_FILECHUNK']._serialized_end=1968
+  _globals['_LOADER']._serialized_start=1971
+  _globals['_LOADER']._serialized_end=2475
 # @@protoc_insertion_point(module_scope)

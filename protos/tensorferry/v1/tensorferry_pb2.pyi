@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadRequest(_message.Message):
-    __slots__ = ("uri", "device", "client_name")
+    __slots__ = ("uri", "device", "client_name", "select")
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SELECT_FIELD_NUMBER: _ClassVar[int]
     uri: str
     device: str
     client_name: str
-    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ...) -> None: ...
+    select: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total")
@@ -67,7 +69,7 @@ class CudaIpcGrant(_message.Message):
     def __init__(self, handle: _Optional[bytes] = ..., size: _Optional[int] = ..., gpu_uuid: _Optional[str] = ..., pci_bus_id: _Optional[str] = ...) -> None: ...
 
 class Ready(_message.Message):
-    __slots__ = ("model_id", "lease_id", "cpu_shm", "cuda_ipc", "tensor_count", "total_bytes", "attached", "seconds")
+    __slots__ = ("model_id", "lease_id", "cpu_shm", "cuda_ipc", "tensor_count", "total_bytes", "attached", "seconds", "files")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     CPU_SHM_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class Ready(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     lease_id: str
     cpu_shm: CpuShmGrant
@@ -84,7 +87,8 @@ class Ready(_message.Message):
     total_bytes: int
     attached: bool
     seconds: float
-    def __init__(self, model_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., cpu_shm: _Optional[_Union[CpuShmGrant, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcGrant, _Mapping]] = ..., tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., attached: _Optional[bool] = ..., seconds: _Optional[float] = ...) -> None: ...
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., cpu_shm: _Optional[_Union[CpuShmGrant, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcGrant, _Mapping]] = ..., tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., attached: _Optional[bool] = ..., seconds: _Optional[float] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadEvent(_message.Message):
     __slots__ = ("progress", "tensors", "ready")
@@ -109,12 +113,14 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class PreloadRequest(_message.Message):
-    __slots__ = ("uri", "device")
+    __slots__ = ("uri", "device", "select")
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SELECT_FIELD_NUMBER: _ClassVar[int]
     uri: str
     device: str
-    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    select: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ()
@@ -213,3 +219,21 @@ class StatusResponse(_message.Message):
     arenas: _containers.RepeatedScalarFieldContainer[str]
     store_connections_busy: int
     def __init__(self, version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recent_loads: _Optional[_Iterable[_Union[LoadRecord, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., shm_budget_bytes: _Optional[int] = ..., store_connections_open: _Optional[int] = ..., arenas: _Optional[_Iterable[str]] = ..., store_connections_busy: _Optional[int] = ...) -> None: ...
+
+class GetFileRequest(_message.Message):
+    __slots__ = ("uri", "name")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    name: str
+    def __init__(self, uri: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data", "offset", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class LoaderStub:
                 request_serializer=tensorferry_dot_v1_dot_tensorferry__pb2.StatusRequest.SerializeToString,
                 response_deserializer=tensorferry_dot_v1_dot_tensorferry__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.GetFile = channel.unary_stream(
+                '/tensorferry.v1.Loader/GetFile',
+                request_serializer=tensorferry_dot_v1_dot_tensorferry__pb2.GetFileRequest.SerializeToString,
+                response_deserializer=tensorferry_dot_v1_dot_tensorferry__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class LoaderServicer:
@@ -111,6 +116,14 @@ class LoaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFile(self, request, context):
+        """A non-weight file of a source (config.json, tokenizer files), so workers need no
+        separate download.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_LoaderServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=tensorferry_dot_v1_dot_tensorferry__pb2.StatusRequest.FromString,
                     response_serializer=tensorferry_dot_v1_dot_tensorferry__pb2.StatusResponse.SerializeToString,
+            ),
+            'GetFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=tensorferry_dot_v1_dot_tensorferry__pb2.GetFileRequest.FromString,
+                    response_serializer=tensorferry_dot_v1_dot_tensorferry__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class Loader:
             '/tensorferry.v1.Loader/Status',
             tensorferry_dot_v1_dot_tensorferry__pb2.StatusRequest.SerializeToString,
             tensorferry_dot_v1_dot_tensorferry__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorferry.v1.Loader/GetFile',
+            tensorferry_dot_v1_dot_tensorferry__pb2.GetFileRequest.SerializeToString,
+            tensorferry_dot_v1_dot_tensorferry__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,
