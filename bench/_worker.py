@@ -1,0 +1,91 @@
+"""One measured load in a fresh process, for bench_load.py. Prints one JSON line.
+
+  _worker.py tensorferry URI                 (socket from $TENSORFERRY_SOCKET)
+  _worker.py boto3 BUCKET DEST_DIR KEY...    (endpoint and keys from $AWS_*)
+
+Timing and CPU cover only the load itself: interpreter start and imports are left out, as a
+serving process has them behind it before it loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Imported up front: the tensorferry client imports torch lazily, inside load().
+import torch
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def load_tensorferry(uri: str) -> dict[str, Any]:
+    from tensorferry.client import Client
+
+    with Client() as client:
+        cpu0, t0 = cpu_seconds(), time.monotonic()
+        with client.load(uri) as model:
+            seconds = time.monotonic() - t0
+            return {
+                "seconds": seconds,
+                "cpu_s": cpu_seconds() - cpu0,
+                "bytes": model.total_bytes,
+                "tensors": len(model.tensors),
+                "model_id": model.model_id,
+                "attached": model.attached,
+                "daemon_seconds": model.seconds,
+            }
+
+
+def load_boto3(bucket: str, dest: Path, keys: list[str]) -> dict[str, Any]:
+    import boto3  # type: ignore[import-untyped, unused-ignore]
+    from botocore.config import Config  # type: ignore[import-untyped, unused-ignore]
+    from safetensors.torch import load_file
+
+    # What a user would write: defaults apart from what SeaweedFS on loopback needs.
+    s3 = boto3.client(
+        "s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"})
+    )
+    cpu0, t0 = cpu_seconds(), time.monotonic()
+    paths = []
+    for key in keys:
+        path = dest / Path(key).name
+        s3.download_file(bucket, key, str(path))
+        paths.append(path)
+    t_download = time.monotonic() - t0
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        tensors.update(load_file(path))
+    seconds = time.monotonic() - t0
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu_seconds() - cpu0,
+        "bytes": sum(p.stat().st_size for p in paths),
+        "tensor_bytes": sum(t.nbytes for t in tensors.values()),
+        "tensors": len(tensors),
+        "download_seconds": t_download,
+        "load_file_seconds": seconds - t_download,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> int:
+    kind, args = sys.argv[1], sys.argv[2:]
+    if kind == "tensorferry":
+        result = load_tensorferry(args[0])
+    elif kind == "boto3":
+        result = load_boto3(args[0], Path(args[1]), args[2:])
+    else:
+        raise SystemExit(f"unknown contender {kind!r}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

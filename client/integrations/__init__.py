@@ -1,0 +1,1 @@
+"""Engine integrations: build engine models on tensors the daemon serves."""
