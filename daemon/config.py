@@ -53,8 +53,14 @@ class S3Settings:
     #: Bytes per range GET.
     chunk_size: int = DEFAULT_CHUNK_SIZE
     #: Seconds to wait for a response's first byte or between body reads.
-    read_timeout: float = 60.0
+    read_timeout: float = 30.0
     connect_timeout: float = 10.0
+    #: Attempts per range GET (the first included) for errors that may pass.
+    attempts: int = 5
+    #: Retries per load beyond one per 8 ranges.
+    retry_budget: int = 16
+    #: Wall-clock limit for one attempt at one range.
+    range_deadline: float = 300.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +83,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 1 <= self.s3.concurrency <= 1024:
             raise ConfigError(f"s3.concurrency: must be 1..1024, got {self.s3.concurrency}")
+        if not 1 <= self.s3.attempts <= 100:
+            raise ConfigError(f"s3.attempts: must be 1..100, got {self.s3.attempts}")
         if not 64 * 1024 <= self.s3.chunk_size <= 1 << 30:
             raise ConfigError(f"s3.chunk_size: must be 64KiB..1GiB, got {self.s3.chunk_size}")
         if len(str(self.socket).encode()) > 107:
@@ -136,8 +144,11 @@ def load_settings(
         addressing_style=str(s3.get("addressing_style", "auto")),
         concurrency=int(s3.get("concurrency", DEFAULT_CONCURRENCY)),
         chunk_size=parse_size(s3.get("chunk_size", DEFAULT_CHUNK_SIZE), "s3.chunk_size"),
-        read_timeout=float(s3.get("read_timeout", 60.0)),
+        read_timeout=float(s3.get("read_timeout", 30.0)),
         connect_timeout=float(s3.get("connect_timeout", 10.0)),
+        attempts=int(s3.get("attempts", 5)),
+        retry_budget=int(s3.get("retry_budget", 16)),
+        range_deadline=float(s3.get("range_deadline", 300.0)),
     )
     if s3_settings.addressing_style not in ("auto", "path", "virtual"):
         raise ConfigError(

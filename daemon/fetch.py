@@ -1,38 +1,104 @@
 """The fetch scheduler: a sliding window of parallel range reads into their destination.
 
 ``concurrency`` workers pull ranges from one shared iterator, so a slow range never holds
-back a whole wave (as ``gather`` in waves would); the first error cancels the rest.
+back a whole wave (as ``gather`` in waves would). A range that fails for a reason that may
+pass (a reset connection, a 503, a stall, a wrong Content-Range) is retried with
+exponential backoff and jitter, within a per-range attempt limit and a per-load retry
+budget; any other error, or an exhausted budget, cancels the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
+import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 from tensorferry.daemon._tasks import task_group
 from tensorferry.daemon.planner import Range
 from tensorferry.daemon.store.base import Store
+from tensorferry.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    #: Attempts per range, the first included.
+    attempts: int = 5
+    #: Retries allowed per load, on top of one per 8 ranges (a few flaky ranges are
+    #: normal; hundreds mean the store is down and the load should fail fast).
+    budget: int = 16
+    base_delay: float = 0.05
+    max_delay: float = 2.0
+    #: Wall-clock limit for one attempt at one range.
+    range_deadline: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        # "Full jitter": spreads retries of many ranges that failed together.
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
 
 @dataclasses.dataclass(slots=True)
 class FetchStats:
     bytes: int = 0
     ranges: int = 0
+    retries: int = 0
+    causes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     started: float = 0.0
     first_byte: float = 0.0  # when the first range completed
     finished: float = 0.0
 
 
-async def _worker(
-    store: Store,
-    ranges: Iterator[Range],
-    dest: memoryview,
+def _cause(exc: BaseException) -> str:
+    message = str(exc)
+    for marker in ("Content-Range", "Content-Length", "timed out", "HTTP 5", "Connection"):
+        if marker in message:
+            return marker.lower().replace(" ", "-")
+    return type(exc).__name__
+
+
+class _Budget:
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+
+async def _fetch_one(
+    store: Store, r: Range, dest: memoryview, policy: RetryPolicy, budget: _Budget,
     stats: FetchStats,
-    progress: Callable[[int], None],
-) -> None:
+) -> None:  # fmt: skip
+    attempt = 0
+    while True:
+        try:
+            async with asyncio.timeout(policy.range_deadline):
+                await store.read_into(r.obj, r.start, dest)
+            return
+        except (StoreUnavailable, TimeoutError) as exc:
+            attempt += 1
+            what = f"{store.describe(r.obj)} bytes {r.start}-{r.start + r.length - 1}"
+            if attempt >= policy.attempts or budget.left <= 0:
+                reason = "attempts" if attempt >= policy.attempts else "the load's retry budget"
+                detail = exc.message if isinstance(exc, StoreUnavailable) else f"{what}: {exc}"
+                raise StoreUnavailable(
+                    f"{detail} (gave up after {attempt} attempts; {reason} exhausted)"
+                ) from exc
+            budget.left -= 1
+            stats.retries += 1
+            stats.causes[_cause(exc)] += 1
+            log.info("retrying %s (attempt %d): %s", what, attempt + 1, exc)
+            await asyncio.sleep(policy.delay(attempt))
+
+
+async def _worker(
+    store: Store, ranges: Iterator[Range], dest: memoryview, policy: RetryPolicy,
+    budget: _Budget, stats: FetchStats, progress: Callable[[int], None],
+) -> None:  # fmt: skip
     for r in ranges:
-        await store.read_into(r.obj, r.start, dest[r.arena_offset : r.arena_offset + r.length])
+        view = dest[r.arena_offset : r.arena_offset + r.length]
+        await _fetch_one(store, r, view, policy, budget, stats)
         if not stats.first_byte:
             stats.first_byte = time.monotonic()
         stats.bytes += r.length
@@ -46,13 +112,16 @@ async def fetch_ranges(
     dest: memoryview,
     *,
     concurrency: int,
+    policy: RetryPolicy | None = None,
     progress: Callable[[int], None] = lambda n: None,
 ) -> FetchStats:
+    policy = policy or RetryPolicy()
     stats = FetchStats(started=time.monotonic())
     todo = list(ranges)
+    budget = _Budget(policy.budget + len(todo) // 8)
     shared = iter(todo)
     async with task_group() as tg:
         for _ in range(min(concurrency, len(todo))):
-            tg.create_task(_worker(store, shared, dest, stats, progress))
+            tg.create_task(_worker(store, shared, dest, policy, budget, stats, progress))
     stats.finished = time.monotonic()
     return stats

@@ -6,7 +6,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from tensorferry.daemon.fetch import FetchStats, fetch_ranges
+from tensorferry.daemon.fetch import FetchStats, RetryPolicy, fetch_ranges
 from tensorferry.daemon.planner import Plan, make_plan
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.source import Source
@@ -28,6 +28,7 @@ async def load_into_arena(
     chunk_size: int,
     concurrency: int,
     select: tuple[str, ...] = (),
+    policy: RetryPolicy | None = None,
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],
 ) -> Loaded:
@@ -36,8 +37,9 @@ async def load_into_arena(
     arena = sink.allocate(plan.arena_size, source.ref.uri)
     try:
         stats = await fetch_ranges(
-            store, plan.ranges, arena.view, concurrency=concurrency, progress=progress
-        )
+            store, plan.ranges, arena.view, concurrency=concurrency, policy=policy,
+            progress=progress,
+        )  # fmt: skip
     except BaseException:
         sink.release(arena)
         raise

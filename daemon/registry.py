@@ -50,6 +50,11 @@ class Model:
     bytes_done: int = 0
     bytes_total: int = 0
     leases: dict[str, str] = dataclasses.field(default_factory=dict)  # lease id -> client
+    #: Requests waiting for the load to finish; when the last leaves, the fetch stops...
+    waiters: int = 0
+    #: ...unless a preload asked for it.
+    keep: bool = False
+    task: asyncio.Task[None] | None = None
     created: float = dataclasses.field(default_factory=time.monotonic)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -64,6 +69,8 @@ class LoadRecord:
     total_seconds: float = 0.0
     bytes: int = 0
     error: str = ""
+    retries: int = 0
+    retry_causes: tuple[tuple[str, int], ...] = ()
 
 
 class Registry:
@@ -96,6 +103,7 @@ class Registry:
         self._by_key[key] = model
         self._all[model.id] = model
         task = self._tasks.create_task(self._run(model, load))
+        model.task = task
         self._loads.add(task)
         task.add_done_callback(self._loads.discard)
         return model, False
@@ -120,6 +128,15 @@ class Registry:
             model.state = State.READY
         model.done.set_result(loaded)
         self._maybe_free(model)  # evicted while it was loading
+
+    def leave(self, model: Model) -> None:
+        """A request stopped waiting; stop the fetch if it was the last one (not preload)."""
+        model.waiters -= 1
+        idle = model.waiters == 0 and not model.keep and model.state is State.LOADING
+        if idle and model.task is not None and not model.task.done():
+            log.info("no one waits for %s any more: stopping its fetch", model.key.uri)
+            self._forget(model)  # a request arriving now starts a fresh load
+            model.task.cancel()
 
     def _forget(self, model: Model) -> None:
         if self._by_key.get(model.key) is model:

@@ -18,6 +18,7 @@ import grpc
 
 from tensorferry import __version__
 from tensorferry.daemon.config import Settings
+from tensorferry.daemon.fetch import RetryPolicy
 from tensorferry.daemon.pipeline import Loaded, load_into_arena
 from tensorferry.daemon.registry import LoadRecord, Model, ModelKey, Registry, State
 from tensorferry.daemon.source import (
@@ -32,6 +33,7 @@ from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.daemon.store.local import LocalStore
 from tensorferry.daemon.store.s3 import S3Backend, S3Store
 from tensorferry.errors import (
+    DaemonUnavailable,
     FailedPrecondition,
     InvalidRequest,
     SourceNotFound,
@@ -107,6 +109,10 @@ class LoaderService(pb_grpc.LoaderServicer):
         self.backend = backend
         self.instance = instance
         self.started = time.monotonic()
+        s3 = settings.s3
+        self.policy = RetryPolicy(
+            attempts=s3.attempts, budget=s3.retry_budget, range_deadline=s3.range_deadline
+        )
         self._released: dict[str, asyncio.Event] = {}
         self.stopping = asyncio.Event()
 
@@ -134,7 +140,8 @@ class LoaderService(pb_grpc.LoaderServicer):
 
             loaded = await load_into_arena(
                 store, source, self.registry.sink, chunk_size=s3.chunk_size,
-                concurrency=s3.concurrency, select=model.key.select, on_plan=on_plan,
+                concurrency=s3.concurrency, select=model.key.select, policy=self.policy,
+                on_plan=on_plan,
                 progress=progress,
             )  # fmt: skip
         except BaseException as exc:
@@ -146,6 +153,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             LoadRecord(
                 ref.uri, "ready", plan_done - t0, (st.first_byte or end) - t0,
                 st.finished - st.started, end - t0, st.bytes,
+                retries=st.retries, retry_causes=tuple(sorted(st.causes.items())),
             )
         )  # fmt: skip
         log.info(
@@ -172,15 +180,25 @@ class LoaderService(pb_grpc.LoaderServicer):
             key, lambda m: self._cold_load(store, ref, listing, m, t0)
         )
         sent = -1
-        while not model.done.done():
-            await asyncio.wait([model.done], timeout=PROGRESS_INTERVAL)
-            if model.bytes_done != sent:
-                sent = model.bytes_done
-                yield pb.LoadEvent(
-                    progress=pb.Progress(
-                        stage="fetch", bytes_done=sent, bytes_total=model.bytes_total
+        model.waiters += 1
+        model.keep = model.keep or not lease  # a preload finishes even if its caller goes
+        try:
+            while not model.done.done():
+                await asyncio.wait([model.done], timeout=PROGRESS_INTERVAL)
+                if model.bytes_done != sent:
+                    sent = model.bytes_done
+                    yield pb.LoadEvent(
+                        progress=pb.Progress(
+                            stage="fetch", bytes_done=sent, bytes_total=model.bytes_total
+                        )
                     )
-                )
+        finally:
+            self.registry.leave(model)
+        if model.done.cancelled():
+            raise DaemonUnavailable(
+                f"the load of {ref.uri} was cancelled (its requesters went away, or the "
+                "daemon is stopping); load it again"
+            )
         loaded = model.done.result()
         attached = existed and model.state is State.READY and sent < 0
         if attached:
@@ -322,7 +340,7 @@ class LoaderService(pb_grpc.LoaderServicer):
                     first_byte_seconds=r.first_byte_seconds, fetch_seconds=r.fetch_seconds,
                     total_seconds=r.total_seconds, bytes=r.bytes,
                     gbps=r.bytes / r.total_seconds / 1e9 if r.total_seconds else 0.0,
-                    error=r.error,
+                    error=r.error, retries=r.retries, retry_causes=dict(r.retry_causes),
                 )
                 for r in self.registry.recent
             ],

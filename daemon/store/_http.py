@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import time
 import urllib.parse
 from collections import defaultdict
 from typing import cast
@@ -56,6 +57,9 @@ class _Conn(asyncio.BufferedProtocol):
         self._response: _Response | None = None
         self._waiter: asyncio.Future[_Response] | None = None
         self._expect_start = 0
+        self._last_io = 0.0
+        self._idle_timeout = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +80,7 @@ class _Conn(asyncio.BufferedProtocol):
         return self._head_view[self._head_len :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._last_io = time.monotonic()
         if self._in_body:
             self._pos += nbytes
             if self._pos >= self._want:
@@ -177,10 +182,28 @@ class _Conn(asyncio.BufferedProtocol):
             self._head_len = 0
             self._finish()
 
-    async def request(self, head: bytes, dest: memoryview, start: int) -> _Response:
+    def _check_idle(self) -> None:
+        """Fail the request once the store has sent nothing for ``idle_timeout`` seconds.
+
+        An inactivity timeout, not a deadline: a large range on a slow but live link goes
+        on, a stalled one fails fast (and the fetch scheduler retries it).
+        """
+        idle = time.monotonic() - self._last_io
+        if idle >= self._idle_timeout:
+            self._fail(TimeoutError(f"no data from the store for {idle:.1f} s"))
+        else:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._idle_timeout - idle, self._check_idle)
+
+    async def request(
+        self, head: bytes, dest: memoryview, start: int, idle_timeout: float
+    ) -> _Response:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
+        self._last_io = time.monotonic()
+        self._idle_timeout = idle_timeout
+        self._idle_timer = loop.call_later(idle_timeout, self._check_idle)
         self._dest, self._pos, self._want = dest, 0, len(dest)
         self._expect_start = start
         self._in_body = False
@@ -191,6 +214,9 @@ class _Conn(asyncio.BufferedProtocol):
             return await self._waiter
         finally:
             self._waiter = None
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
 
 
 class RangeMismatch(ConnectionError):
@@ -255,8 +281,7 @@ class HttpPool:
             conn = idle.pop() if idle else await self._connect(*key)
             reusable = False
             try:
-                async with asyncio.timeout(self._read_timeout):
-                    response = await conn.request(head, dest, start)
+                response = await conn.request(head, dest, start, self._read_timeout)
                 reusable = response.headers.get("connection", "").lower() != "close"
             finally:
                 if reusable and not conn.closed:
@@ -278,5 +303,5 @@ def transport_error(what: str, exc: BaseException) -> StoreUnavailable:
     if isinstance(exc, RangeMismatch):
         return StoreUnavailable(f"{what}: {exc}; refusing the response")
     if isinstance(exc, TimeoutError):
-        return StoreUnavailable(f"{what}: the store did not answer in time")
+        return StoreUnavailable(f"{what}: timed out ({exc or 'no answer'})")
     return StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}")
