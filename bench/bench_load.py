@@ -66,11 +66,7 @@ class Sample:
         return {**dataclasses.asdict(self), "gbps": self.gbps}
 
 
-def tree_cpu(pid: int) -> float:
-    return sum(tree_cpu_split(pid)[:2])
-
-
-def tree_cpu_split(pid: int) -> tuple[float, float, int]:
+def cpu_split(pid: int) -> tuple[float, float, int]:
     """User and system CPU seconds of a process tree, and its minor page faults."""
     proc = psutil.Process(pid)
     user = system = 0.0
@@ -80,9 +76,14 @@ def tree_cpu_split(pid: int) -> tuple[float, float, int]:
             t = p.cpu_times()
             user += t.user + t.children_user
             system += t.system + t.children_system
-            # /proc/PID/stat field 10 (minflt), counted after the parenthesised name.
+            # Field 10 of /proc/PID/stat (minflt); the name before ")" may hold spaces.
             faults += int(Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
     return user, system, faults
+
+
+def tree_cpu(pid: int) -> float:
+    user, system, _ = cpu_split(pid)
+    return user + system
 
 
 def children_cpu() -> float:
@@ -134,7 +135,7 @@ def run_worker(args: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 def prepare(work: Path, s3: S3Server, size_mib: int, shards: int) -> tuple[str, list[str], int]:
-    """Generate (or reuse) the model and upload (or reuse) it; returns prefix, keys, bytes."""
+    """Generate (or reuse) the model and upload it unless it is there; prefix, keys, bytes."""
     name = f"model-{size_mib}mib-{shards}s"
     model_dir = work / name
     if not (model_dir / ".complete").exists():
@@ -154,13 +155,12 @@ def prepare(work: Path, s3: S3Server, size_mib: int, shards: int) -> tuple[str, 
         if have.get(prefix + f.name) != f.stat().st_size:
             client.upload_file(str(f), BUCKET, prefix + f.name)
     print(f"==> s3://{BUCKET}/{prefix} ready ({time.monotonic() - t0:.1f} s upload)", flush=True)
-    shard_files = [f for f in files if f.suffix == ".safetensors"]
-    keys = [prefix + f.name for f in shard_files]
-    return prefix, keys, sum(f.stat().st_size for f in shard_files)
+    shards_ = [f for f in files if f.suffix == ".safetensors"]
+    return prefix, [prefix + f.name for f in shards_], sum(f.stat().st_size for f in shards_)
 
 
-def curl_config(s3: S3Server, keys: list[str], path: Path) -> int:
-    """One curl config group per 8 MiB range; returns the number of ranges."""
+def curl_config(s3: S3Server, keys: list[str], path: Path) -> None:
+    """A curl -K file with one group (url, range, output) per 8 MiB range."""
     client = s3.client()
     groups = []
     for key in keys:
@@ -171,11 +171,12 @@ def curl_config(s3: S3Server, keys: list[str], path: Path) -> int:
         for start in range(0, size, RANGE):
             end = min(start + RANGE, size) - 1
             groups.append(
-                f'url = "{url}"\nrange = "{start}-{end}"\noutput = "/dev/null"\nfail\n'
+                f'url = "{url}"\nrange = "{start}-{end}"\noutput = "/dev/null"\n'
+                "fail\nsilent\nshow-error\n"
                 'write-out = "%{http_code} %{size_download}\\n"\n'
             )
+    # Without "next" between groups, the last range would apply to every URL.
     path.write_text("next\n".join(groups))
-    return len(groups)
 
 
 @contextlib.contextmanager
@@ -204,20 +205,73 @@ def tensorferry_daemon(work: Path, env: dict[str, str]) -> Iterator[subprocess.P
             daemon.wait()
 
 
-def evict_and_wait(socket: str, model_id: str, instance: str) -> None:
-    # The worker's exit ends its lease asynchronously; the arena goes once both are done.
-    with Client(socket) as client:
-        client.evict(model_id)
-        deadline = time.monotonic() + 30
-        while client.list() or our_segments(instance):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"model {model_id} still resident 30 s after evict")
-            time.sleep(0.02)
-
-
-def our_segments(instance: str) -> list[str]:
+def shm_files(instance: str, *, lock: bool = True) -> list[str]:
     # Only this daemon's: other tensorferry work (tests) may share /dev/shm.
-    return [p.name for p in SHM.glob(f"tensorferry.{instance}.*") if p.suffix != ".lock"]
+    names = sorted(p.name for p in SHM.glob(f"tensorferry.{instance}.*"))
+    return [n for n in names if lock or not n.endswith(".lock")]
+
+
+@dataclasses.dataclass
+class Contenders:
+    s3: S3Server
+    env: dict[str, str]
+    work: Path
+    keys: list[str]
+    uri: str
+    object_bytes: int
+    daemon_pid: int = 0
+    instance: str = ""
+
+    def ceiling(self) -> Sample:
+        cfg = self.work / "curl.cfg"
+        cpu0, srv0, t0 = children_cpu(), tree_cpu(self.s3.pid), time.monotonic()
+        out = subprocess.run(
+            ["curl", "-sS", "--parallel", "--parallel-immediate", "--parallel-max", "32",
+             "-K", str(cfg)],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        seconds = time.monotonic() - t0
+        cpu, srv = children_cpu() - cpu0, tree_cpu(self.s3.pid) - srv0
+        answers = [line.split() for line in out.stdout.splitlines()]
+        got = sum(int(size) for _, size in answers)
+        if out.returncode or got != self.object_bytes or any(c != "206" for c, _ in answers):
+            raise RuntimeError(f"curl: rc {out.returncode}, {got} bytes: {out.stderr[-2000:]}")
+        return Sample(seconds, got, cpu, srv, {"ranges": len(answers)})
+
+    def tensorferry(self) -> Sample:
+        socket = self.env["TENSORFERRY_SOCKET"]
+        d0, srv0 = cpu_split(self.daemon_pid), tree_cpu(self.s3.pid)
+        with PeakMemory(self.daemon_pid) as mem:
+            r = run_worker(["tensorferry", self.uri], self.env)
+        d1, srv = cpu_split(self.daemon_pid), tree_cpu(self.s3.pid) - srv0
+        user, system, faults = (b - a for a, b in zip(d0, d1, strict=True))
+        if r["attached"]:
+            raise RuntimeError("the model was still resident: not a cold load")
+        with Client(socket) as client:
+            record = MessageToDict(client.status().recent_loads[-1])
+            # The worker's exit ends its lease asynchronously; the arena goes after both.
+            client.evict(r["model_id"])
+            deadline = time.monotonic() + 30
+            while client.list() or shm_files(self.instance, lock=False):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.uri} still resident 30 s after evict")
+                time.sleep(0.02)
+        extra = {
+            "worker": r, "daemon_load": record, "peak_kib": mem.peak,
+            "daemon_user_s": user, "daemon_system_s": system, "daemon_minflt": faults,
+        }  # fmt: skip
+        return Sample(r["seconds"], r["bytes"], user + system, srv, extra)
+
+    def boto3(self) -> Sample:
+        downloads = self.work / "downloads"
+        downloads.mkdir(exist_ok=True)
+        srv0 = tree_cpu(self.s3.pid)
+        try:
+            r = run_worker(["boto3", BUCKET, str(downloads), *self.keys], self.env)
+        finally:
+            shutil.rmtree(downloads, ignore_errors=True)
+        srv = tree_cpu(self.s3.pid) - srv0
+        return Sample(r.pop("seconds"), r.pop("bytes"), r.pop("cpu_s"), srv, r)
 
 
 def summarize(samples: list[Sample]) -> dict[str, float]:
@@ -229,6 +283,16 @@ def summarize(samples: list[Sample]) -> dict[str, float]:
         "cpu_s_per_gb": statistics.median(s.cpu_s / (s.bytes / 1e9) for s in samples),
         "server_cpu_s_per_gb": statistics.median(s.server_cpu_s / (s.bytes / 1e9) for s in samples),
     }
+
+
+def tensorferry_details(warmup: Sample, runs: list[Sample], idle: dict[str, int]) -> dict[str, Any]:
+    keys = ("planSeconds", "firstByteSeconds", "fetchSeconds", "totalSeconds")
+    median = {k: statistics.median(s.extra["daemon_load"].get(k, 0.0) for s in runs) for k in keys}
+    median["worker_seconds"] = statistics.median(s.seconds for s in runs)
+    for k in ("daemon_user_s", "daemon_system_s", "daemon_minflt"):
+        median[k] = statistics.median(s.extra[k] for s in runs)
+    peak = {k: max(s.extra["peak_kib"][k] for s in runs) for k in PeakMemory.FIELDS}
+    return {"warmup": warmup.as_dict(), "median": median, "peak_kib": peak, "idle_kib": idle}
 
 
 def report(summary: dict[str, dict[str, float]], tf: dict[str, Any]) -> None:
@@ -244,130 +308,58 @@ def report(summary: dict[str, dict[str, float]], tf: dict[str, Any]) -> None:
             f"{s['gbps_median'] / ceiling:10.2f}"
         )
     t = summary["tensorferry"]["gbps_median"]
+    w, m = tf["warmup"], tf["median"]
+    peak, idle = tf["peak_kib"], tf["idle_kib"]
     print(
         f"\ntensorferry / ceiling = {t / ceiling:.2f}   "
-        f"tensorferry / boto3 = {t / summary['boto3']['gbps_median']:.2f}"
-    )
-    w = tf["warmup"]
-    print(
+        f"tensorferry / boto3 = {t / summary['boto3']['gbps_median']:.2f}\n"
         f"tensorferry first (warm-up) load: {w['gbps']:.2f} GB/s, "
-        f"{w['cpu_s'] / (w['bytes'] / 1e9):.2f} CPU-s/GB (fresh /dev/shm pages)"
-    )
-    p = tf["phases_median"]
-    print(
-        f"daemon phases (median): plan {p['planSeconds']:.2f} s, first range done "
-        f"{p['firstByteSeconds']:.2f} s, fetch {p['fetchSeconds']:.2f} s, "
-        f"total {p['totalSeconds']:.2f} s; worker sees {p['worker_seconds']:.2f} s"
-    )
-    print(
-        f"daemon CPU (median): user {p['daemon_user_s']:.2f} s, system "
-        f"{p['daemon_system_s']:.2f} s, {p['daemon_minflt'] / 1e3:.0f}k minor page faults"
-    )
-    m, idle = tf["peak_kib"], tf["idle_kib"]
-    print(
-        f"daemon memory: peak RssAnon {m['RssAnon'] / 1024:.0f} MiB (idle "
-        f"{idle['RssAnon'] / 1024:.0f}), peak VmRSS {m['VmRSS'] / 1024:.0f} MiB "
-        f"(of which RssShmem {m['RssShmem'] / 1024:.0f} MiB)"
+        f"{w['cpu_s'] / (w['bytes'] / 1e9):.2f} CPU-s/GB (fresh /dev/shm pages)\n"
+        f"daemon phases (median): plan {m['planSeconds']:.2f} s, first range done "
+        f"{m['firstByteSeconds']:.2f} s, fetch {m['fetchSeconds']:.2f} s, total "
+        f"{m['totalSeconds']:.2f} s; the worker sees {m['worker_seconds']:.2f} s\n"
+        f"daemon CPU (median): user {m['daemon_user_s']:.2f} s, system "
+        f"{m['daemon_system_s']:.2f} s, {m['daemon_minflt'] / 1e3:.0f}k minor page faults\n"
+        f"daemon memory: peak RssAnon {peak['RssAnon'] / 1024:.0f} MiB (idle "
+        f"{idle['RssAnon'] / 1024:.0f}), peak VmRSS {peak['VmRSS'] / 1024:.0f} MiB "
+        f"(RssShmem {peak['RssShmem'] / 1024:.0f} MiB of it)"
     )
 
 
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with run_seaweed(work / "seaweed") as s3:
         prefix, keys, object_bytes = prepare(work, s3, args.size_mib, args.shards)
-        uri = f"s3://{BUCKET}/{prefix}"
         env = {**os.environ, **s3.env(), "TENSORFERRY_SOCKET": str(work / "tf.sock")}
-        curl_cfg = work / "curl.cfg"
-        n_ranges = curl_config(s3, keys, curl_cfg)
-        downloads = work / "downloads"
-
-        def ceiling() -> Sample:
-            cpu0, srv0, t0 = children_cpu(), tree_cpu(s3.pid), time.monotonic()
-            out = subprocess.run(
-                ["curl", "-sS", "--parallel", "--parallel-immediate", "--parallel-max", "32",
-                 "-K", str(curl_cfg)],
-                capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            seconds = time.monotonic() - t0
-            cpu, srv = children_cpu() - cpu0, tree_cpu(s3.pid) - srv0
-            codes = [line.split() for line in out.stdout.splitlines()]
-            got = sum(int(size) for _, size in codes)
-            if out.returncode or got != object_bytes or any(c != "206" for c, _ in codes):
-                raise RuntimeError(f"curl: rc {out.returncode}, {got} bytes: {out.stderr[-2000:]}")
-            return Sample(seconds, got, cpu, srv, {"ranges": n_ranges})
-
-        def boto3() -> Sample:
-            downloads.mkdir(exist_ok=True)
-            srv0 = tree_cpu(s3.pid)
-            try:
-                r = run_worker(["boto3", BUCKET, str(downloads), *keys], env)
-            finally:
-                shutil.rmtree(downloads, ignore_errors=True)
-            srv = tree_cpu(s3.pid) - srv0
-            return Sample(r.pop("seconds"), r.pop("bytes"), r.pop("cpu_s"), srv, r)
-
+        curl_config(s3, keys, work / "curl.cfg")  # fresh keys each start: sign anew
+        c = Contenders(s3, env, work, keys, f"s3://{BUCKET}/{prefix}", object_bytes)
         with tensorferry_daemon(work, env) as daemon, Client(env["TENSORFERRY_SOCKET"]) as tfc:
-            instance = tfc.status().instance_id
+            c.daemon_pid, c.instance = daemon.pid, tfc.status().instance_id
             idle = PeakMemory(daemon.pid)
             idle.sample()
-            peak = dict.fromkeys(PeakMemory.FIELDS, 0)
-
-            def tensorferry() -> Sample:
-                d0, srv0 = tree_cpu_split(daemon.pid), tree_cpu(s3.pid)
-                with PeakMemory(daemon.pid) as mem:
-                    r = run_worker(["tensorferry", uri], env)
-                d1, srv = tree_cpu_split(daemon.pid), tree_cpu(s3.pid) - srv0
-                user, system, faults = (b - a for a, b in zip(d0, d1, strict=True))
-                record = MessageToDict(tfc.status().recent_loads[-1])
-                evict_and_wait(env["TENSORFERRY_SOCKET"], r["model_id"], instance)
-                extra = {
-                    "worker": r, "daemon_load": record, "peak_kib": mem.peak,
-                    "daemon_user_s": user, "daemon_system_s": system, "daemon_minflt": faults,
-                }  # fmt: skip
-                return Sample(r["seconds"], r["bytes"], user + system, srv, extra)
-
             contenders: dict[str, Callable[[], Sample]] = {
-                "ceiling": ceiling, "tensorferry": tensorferry, "boto3": boto3,
+                "ceiling": c.ceiling, "tensorferry": c.tensorferry, "boto3": c.boto3,
             }  # fmt: skip
             warmups: dict[str, Sample] = {}
             runs: dict[str, list[Sample]] = {name: [] for name in contenders}
             for name, fn in contenders.items():
                 warmups[name] = s = fn()
-                print(
-                    f"    warm-up {name:<12} {s.gbps:5.2f} GB/s in {s.seconds:5.2f} s", flush=True
-                )
+                print(f"    warm-up {name:<12} {s.gbps:5.2f} GB/s, {s.seconds:5.2f} s", flush=True)
+            # Interleaved rounds: a burst of other load on the machine hits every contender.
             for i in range(args.runs):
                 for name, fn in contenders.items():
                     runs[name].append(s := fn())
                     print(f"    run {i + 1} {name:<14} {s.gbps:5.2f} GB/s", flush=True)
-            tf_runs = runs["tensorferry"]
-            for s in tf_runs:
-                for k in peak:
-                    peak[k] = max(peak[k], s.extra["peak_kib"][k])
-            if leftover := our_segments(instance):
-                raise RuntimeError(f"segments left while the daemon runs: {leftover}")
-    if leftover := list(SHM.glob(f"tensorferry.{instance}.*")):
-        raise RuntimeError(f"/dev/shm files left behind: {leftover}")
-    phases = {
-        k: statistics.median(s.extra["daemon_load"].get(k, 0.0) for s in tf_runs)
-        for k in ("planSeconds", "firstByteSeconds", "fetchSeconds", "totalSeconds")
-    }
-    phases["worker_seconds"] = statistics.median(s.seconds for s in tf_runs)
-    for k in ("daemon_user_s", "daemon_system_s", "daemon_minflt"):
-        phases[k] = statistics.median(s.extra[k] for s in tf_runs)
-    tf_info = {
-        "warmup": warmups["tensorferry"].as_dict(),
-        "phases_median": phases,
-        "peak_kib": peak,
-        "idle_kib": idle.peak,
-        "instance": instance,
-    }
+    if stray := shm_files(c.instance):
+        raise RuntimeError(f"/dev/shm files left behind by the daemon: {stray}")
     summary = {name: summarize(samples) for name, samples in runs.items()}
-    report(summary, tf_info)
+    details = tensorferry_details(warmups["tensorferry"], runs["tensorferry"], idle.peak)
+    report(summary, details)
     return {
         "config": {"size_mib": args.size_mib, "shards": args.shards, "runs": args.runs,
-                   "object_bytes": object_bytes, "uri": uri, "cpus": os.cpu_count()},
+                   "object_bytes": object_bytes, "uri": c.uri, "cpus": os.cpu_count(),
+                   "daemon_instance": c.instance},
         "summary": summary,
-        "tensorferry": tf_info,
+        "tensorferry": details,
         "warmups": {name: s.as_dict() for name, s in warmups.items()},
         "runs": {name: [s.as_dict() for s in samples] for name, samples in runs.items()},
     }  # fmt: skip
@@ -398,4 +390,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Everything is stopped by now: the finally blocks and context managers ran.
+        sys.exit(130)

@@ -67,6 +67,14 @@ class Fault:
     reset_after: int | None = None
     flip_byte_at: int | None = None
     stall: float | None = None
+    #: Forward this many body bytes, then close the connection cleanly (a short body with
+    #: the original Content-Length), or keep it open and silent when ``hang`` is set.
+    truncate_after: int | None = None
+    hang: bool = False
+    #: Sleep this long before forwarding each body read of up to 64 KiB (a slow link).
+    trickle: float | None = None
+    #: Forward the request without its Range header: the server answers 200, whole object.
+    drop_range: bool = False
 
 
 FaultHook = Callable[[RequestInfo], Fault | None]
@@ -89,6 +97,10 @@ class _BadMessage(ValueError):
 
 
 class _Reset(Exception):
+    pass
+
+
+class _Truncate(Exception):
     pass
 
 
@@ -139,6 +151,10 @@ class _Head:
             return int(self.headers["content-length"])
         return _UNTIL_EOF if until_eof else 0
 
+    def without(self, name: str) -> bytes:
+        kept = [ln for ln in self.lines if ln.partition(":")[0].strip().lower() != name]
+        return "\r\n".join([" ".join(self.start), *kept, "", ""]).encode("latin-1")
+
     def rebuilt(self, replace: dict[str, str]) -> bytes:
         names = {name.lower() for name in replace}
         kept = [ln for ln in self.lines if ln.partition(":")[0].strip().lower() not in names]
@@ -171,6 +187,12 @@ class _Tap:
             stop = self.fault.reset_after
             if stop is not None and start + len(chunk) >= stop:
                 chunk, reset = chunk[: max(stop - start, 0)], True
+            cut = self.fault.truncate_after
+            if cut is not None and start + len(chunk) >= cut:
+                chunk = chunk[: max(cut - start, 0)]
+                self.offset += len(chunk)
+                self.proxy._count_body(self.kind, len(chunk))
+                raise _Truncate(chunk)
             flip = self.fault.flip_byte_at
             if flip is not None and start <= flip < start + len(chunk):
                 buf = bytearray(chunk)
@@ -182,8 +204,12 @@ class _Tap:
 
 
 async def _pipe(src: asyncio.StreamReader, dst: _Sink, n: int, tap: _Tap | None) -> None:
+    trickle = tap.fault.trickle if tap is not None and tap.fault is not None else None
+    size = _READ if trickle is None else 64 << 10
     while n != 0:
-        chunk = await src.read(_READ if n < 0 else min(n, _READ))
+        if trickle is not None:
+            await asyncio.sleep(trickle)
+        chunk = await src.read(size if n < 0 else min(n, size))
         if not chunk:
             if n < 0:
                 return
@@ -191,7 +217,12 @@ async def _pipe(src: asyncio.StreamReader, dst: _Sink, n: int, tap: _Tap | None)
         n -= len(chunk) if n > 0 else 0
         reset = False
         if tap is not None:
-            chunk, reset = tap.take(chunk)
+            try:
+                chunk, reset = tap.take(chunk)
+            except _Truncate as cut:
+                dst.write(cut.args[0])
+                await dst.drain()
+                raise
         dst.write(chunk)
         await dst.drain()
         if reset:
@@ -228,6 +259,7 @@ class _Conn:
     def __init__(self, proxy: CountingProxy, r: asyncio.StreamReader, w: asyncio.StreamWriter):
         self.proxy, self.down_r, self.down_w = proxy, r, w
         self.up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.hang_fault = False
 
     def writers(self) -> list[asyncio.StreamWriter]:
         return [self.down_w] if self.up is None else [self.down_w, self.up[1]]
@@ -244,8 +276,18 @@ class _Conn:
                 sock = transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.abort()
+        except _Truncate:
+            if self.hang_fault:
+                # Headers promised more; the client must notice the silence (read timeout).
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(3600)
         except _QUIET:
             pass
+        except RuntimeError as exc:
+            # uvloop raises RuntimeError (not OSError) when writing to a transport the
+            # client already aborted, e.g. after its read timeout during a stall.
+            if "closed" not in str(exc):
+                self.proxy._errors.append(exc)
         except Exception as exc:  # a proxy bug or a failing hook: surfaced from __exit__
             self.proxy._errors.append(exc)
         finally:
@@ -284,6 +326,9 @@ class _Conn:
             return await self.answer(info, fault, req_framing, expect, close)
 
         up_r, up_w = await self.upstream()
+        if fault is not None and fault.drop_range:
+            raw = req.without("range")
+        self.hang_fault = fault is not None and fault.hang
         up_w.write(raw)
         sent = asyncio.Event()  # the whole request body is in upstream's transport
         body = None
@@ -322,7 +367,7 @@ class _Conn:
             self.down_w.write(resp.rebuilt(replace) if replace else resp.raw)
             try:
                 await _forward(up_r, self.down_w, framing, _Tap(self.proxy, kind, fault))
-            except _Reset:
+            except (_Reset, _Truncate):
                 drop = True  # the upstream body was not read to its end
                 raise
         finally:

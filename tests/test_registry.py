@@ -142,13 +142,18 @@ def test_crash_recovery_sweeps_the_dead_daemons_segments(
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert w.stdout is not None
-        assert w.stdout.readline().startswith("progress")  # mid-load
+        while True:  # mid-load: some bytes are in the arena
+            fields = w.stdout.readline().split()
+            assert fields[0] == "progress", fields
+            if int(fields[1]) > 0:
+                break
         crashed.kill_group()  # as systemd does: the whole process group, SIGKILL
+        # Nothing cleaned up after the crash (checked at once: any daemon starting on this
+        # host, e.g. another test run, would sweep them)...
+        assert crashed.segments() != []
         out, err = w.communicate("", timeout=30)
         assert w.returncode != 0
         assert f"tensorferry daemon is not running at {crashed.socket}" in err
-        stale = crashed.segments()
-        assert stale != []  # nothing cleaned up after the crash...
         assert crashed.socket.exists()
         hook = subprocess.Popen(
             [sys.executable, "-m", "tensorferry", "preload", uri, "--wait", "-q",

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorferry.client import Client, LoadedModel
+from tensorferry.client import Client
 from tensorferry.errors import InvalidArtifact, InvalidRequest, SourceNotFound
 
 __all__ = ["TOKENIZER_FILES", "from_pretrained", "load_tokenizer"]
@@ -41,8 +42,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-    "generation_config.json", CONFIG_FILE,
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", CONFIG_FILE,
 )  # fmt: skip
 
 
@@ -76,7 +76,10 @@ def from_pretrained(
             with tempfile.TemporaryDirectory(prefix="tensorferry-hf-") as tmp:
                 _fetch(client, uri, [CONFIG_FILE], Path(tmp))
                 model = build_model(loaded.tensors, tmp, model_class, **kwargs)
-        except BaseException:
+        except BaseException as exc:
+            # End the lease now, not whenever the traceback's frames (which hold the
+            # half-built model's views) are collected.
+            traceback.clear_frames(exc.__traceback__)
             loaded.close()
             raise
     finally:
@@ -160,9 +163,12 @@ def attach(model: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = 
     Non-persistent buffers are left as the module computed them.
     """
 
+    used: set[str] = set()
+
     def lookup(name: str) -> str | None:
         for candidate in _candidates(name, prefix):
             if candidate in tensors:
+                used.add(candidate)
                 return candidate
         return None
 
@@ -218,6 +224,10 @@ def attach(model: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = 
             continue
         module._buffers[leaf] = source
     _refuse(model, missing, wrong, tensors)
+    if unused := sorted(set(tensors) - used):
+        # A head the model has no use for, or buffers it computes itself (position_ids).
+        log.info("%s does not use %d checkpoint tensor(s): %s", type(model).__name__,
+                 len(unused), ", ".join(unused[:10]))  # fmt: skip
 
 
 def _refuse(

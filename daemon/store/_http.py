@@ -209,8 +209,11 @@ class _Conn(asyncio.BufferedProtocol):
         self._in_body = False
         self._response = None
         self._head_len = 0
-        self.transport.write(head)
         try:
+            try:
+                self.transport.write(head)
+            except RuntimeError as exc:  # uvloop: the transport closed under us
+                raise ConnectionResetError(str(exc)) from None
             return await self._waiter
         finally:
             self._waiter = None
@@ -278,6 +281,8 @@ class HttpPool:
         slots = self._slots.setdefault(key, asyncio.Semaphore(self._limit))
         async with slots:
             idle = self._idle[key]
+            while idle and idle[-1].closed:  # the store closed it while it sat idle
+                self._discard(idle.pop())
             conn = idle.pop() if idle else await self._connect(*key)
             reusable = False
             try:
