@@ -314,7 +314,7 @@ def report(summary: dict[str, dict[str, float]], tf: dict[str, Any]) -> None:
         f"\ntensorferry / ceiling = {t / ceiling:.2f}   "
         f"tensorferry / boto3 = {t / summary['boto3']['gbps_median']:.2f}\n"
         f"tensorferry first (warm-up) load: {w['gbps']:.2f} GB/s, "
-        f"{w['cpu_s'] / (w['bytes'] / 1e9):.2f} CPU-s/GB (fresh /dev/shm pages)\n"
+        f"{w['cpu_s'] / (w['bytes'] / 1e9):.2f} CPU-s/GB (the first arena this daemon fills)\n"
         f"daemon phases (median): plan {m['planSeconds']:.2f} s, first range done "
         f"{m['firstByteSeconds']:.2f} s, fetch {m['fetchSeconds']:.2f} s, total "
         f"{m['totalSeconds']:.2f} s; the worker sees {m['worker_seconds']:.2f} s\n"

@@ -64,6 +64,18 @@ class S3Settings:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Limits:
+    #: Largest model (bytes fetched) one load may bring in; 0 means no limit.
+    max_model_bytes: int = 0
+    #: Cold loads fetching at once; more are refused, not queued.
+    max_concurrent_loads: int = 8
+    #: gRPC calls open at once (each worker lease is one open call).
+    max_concurrent_rpcs: int = 4096
+    #: Largest request message the daemon accepts.
+    max_request_bytes: int = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     #: Unix socket the daemon listens on.
     socket: Path = _env.DEFAULT_SOCKET
@@ -79,6 +91,7 @@ class Settings:
     shm_budget: int = 0
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     log_level: str = "INFO"
+    limits: Limits = dataclasses.field(default_factory=lambda: Limits())
 
     def __post_init__(self) -> None:
         if not 1 <= self.s3.concurrency <= 1024:
@@ -137,6 +150,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     sources, s3, memory = _section(data, "sources"), _section(data, "s3"), _section(data, "memory")
+    limits = _section(data, "limits")
     s3_settings = S3Settings(
         endpoint_url=s3.get("endpoint_url") or _env.aws_endpoint_url(),
         region=s3.get("region"),
@@ -165,6 +179,14 @@ def load_settings(
         allow=allow_entries,
         allow_any_source=bool(sources.get("allow_any", False)) or allow_any_source,
         shm_budget=parse_size(memory.get("shm_budget", 0), "memory.shm_budget"),
+        limits=Limits(
+            max_model_bytes=parse_size(limits.get("max_model_bytes", 0), "limits.max_model_bytes"),
+            max_concurrent_loads=int(limits.get("max_concurrent_loads", 8)),
+            max_concurrent_rpcs=int(limits.get("max_concurrent_rpcs", 4096)),
+            max_request_bytes=parse_size(
+                limits.get("max_request_bytes", 4 << 20), "limits.max_request_bytes"
+            ),
+        ),
         s3=s3_settings,
         log_level=_env.log_level() or str(data.get("log_level", "INFO")),
     )

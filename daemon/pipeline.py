@@ -11,6 +11,7 @@ from tensorferry.daemon.planner import Plan, make_plan
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.source import Source
 from tensorferry.daemon.store.base import Store
+from tensorferry.errors import ResourceExhausted
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,10 +30,17 @@ async def load_into_arena(
     concurrency: int,
     select: tuple[str, ...] = (),
     policy: RetryPolicy | None = None,
+    max_model_bytes: int = 0,
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],
 ) -> Loaded:
     plan = make_plan(source, chunk_size, select)
+    if max_model_bytes and plan.fetch_bytes > max_model_bytes:
+        raise ResourceExhausted(
+            f"{source.ref.uri} needs {plan.fetch_bytes} bytes, above this daemon's limit of "
+            f"{max_model_bytes} bytes ([limits] max_model_bytes); load a selection of its "
+            "tensors or raise the limit"
+        )
     on_plan(plan)
     arena = sink.allocate(plan.arena_size, source.ref.uri)
     try:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
-from tensorferry.errors import ModelNotFound
+from tensorferry.errors import ModelNotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,9 @@ class LoadRecord:
 
 
 class Registry:
-    def __init__(self, sink: CpuShmSink, tasks: asyncio.TaskGroup) -> None:
+    def __init__(self, sink: CpuShmSink, tasks: asyncio.TaskGroup, max_loads: int = 0) -> None:
         self.sink = sink
+        self.max_loads = max_loads
         self._tasks = tasks
         self._by_key: dict[ModelKey, Model] = {}
         self._all: dict[str, Model] = {}
@@ -99,6 +100,11 @@ class Registry:
         if model is not None:
             model.last_used = time.monotonic()
             return model, True
+        if self.max_loads and len(self._loads) >= self.max_loads:
+            raise ResourceExhausted(
+                f"{len(self._loads)} loads are already fetching, the daemon's limit "
+                f"([limits] max_concurrent_loads = {self.max_loads}); retry when one finishes"
+            )
         model = Model(id=f"m{next(self._seq)}-{key.version[:8]}", key=key)
         self._by_key[key] = model
         self._all[model.id] = model

@@ -82,13 +82,17 @@ async def run_daemon(
         )  # fmt: skip
         backend = await stack.enter_async_context(S3Backend(settings.s3))
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
-        registry = Registry(sink, tasks)
+        registry = Registry(sink, tasks, settings.limits.max_concurrent_loads)
         stack.callback(registry.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
         service = LoaderService(settings, registry, backend, sink.instance)
+        limits = settings.limits
         server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 4 << 20)],
-            maximum_concurrent_rpcs=1024,
+            options=[
+                ("grpc.max_receive_message_length", limits.max_request_bytes),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         pb_grpc.add_LoaderServicer_to_server(service, server)
         health = health_aio.HealthServicer()

@@ -141,6 +141,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             loaded = await load_into_arena(
                 store, source, self.registry.sink, chunk_size=s3.chunk_size,
                 concurrency=s3.concurrency, select=model.key.select, policy=self.policy,
+                max_model_bytes=self.settings.limits.max_model_bytes,
                 on_plan=on_plan,
                 progress=progress,
             )  # fmt: skip
