@@ -6,7 +6,7 @@ with Client() as client, client.load("s3://bucket/model/") as model:
 """
 
 from tensorferry.client._aio import AsyncClient
-from tensorferry.client._client import Client, LoadedModel
+from tensorferry.client._client import Client, LoadedModel, TlsConfig
 from tensorferry.errors import (
     AccessDenied,
     DaemonNotRunning,
@@ -32,4 +32,5 @@ __all__ = [
     "SourceNotAllowed",
     "SourceNotFound",
     "TensorferryError",
+    "TlsConfig",
 ]

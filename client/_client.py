@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,16 @@ ProgressFn = Callable[[str, int, int], None]
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
 
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    """PEM bytes for gRPC over TCP: the CA that signed the daemon's certificate, and this
+    worker's key and certificate when the daemon requires client certificates."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+
+
 class _Channel:
     """A channel shared by a client and its leases; closed when neither needs it.
 
@@ -34,8 +45,17 @@ class _Channel:
     whose views are still alive keep it open after ``Client.close()``.
     """
 
-    def __init__(self, socket: str) -> None:
-        self.channel = grpc.insecure_channel(f"unix:{socket}", options=CHANNEL_OPTIONS)
+    def __init__(self, socket: str, tcp: str | None, tls: TlsConfig | None) -> None:
+        if tcp is None:
+            self.channel = grpc.insecure_channel(f"unix:{socket}", options=CHANNEL_OPTIONS)
+        else:
+            tls = tls or TlsConfig()
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.root_certificates,
+                private_key=tls.private_key,
+                certificate_chain=tls.certificate_chain,
+            )
+            self.channel = grpc.secure_channel(tcp, credentials, options=CHANNEL_OPTIONS)
         self._users = 1
         self._lock = threading.Lock()
 
@@ -107,15 +127,25 @@ class Client:
     """Talks to the tensorferry daemon over its Unix socket.
 
     ``socket`` defaults to $TENSORFERRY_SOCKET, else /run/tensorferry/tensorferry.sock.
+    ``tcp="host:port"`` with ``tls=TlsConfig(...)`` talks gRPC over TLS instead (the daemon's
+    ``[tcp]`` listener); arenas are still host-local, so the worker must share the
+    daemon's /dev/shm.
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
-        self.socket = str(_env.socket_path(socket))
-        self._channel: _Channel | None = _Channel(self.socket)
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        tcp: str | None = None,
+        tls: TlsConfig | None = None,
+    ) -> None:
+        self.tcp = tcp
+        self.socket = tcp if tcp is not None else str(_env.socket_path(socket))
+        self._channel: _Channel | None = _Channel(self.socket, tcp, tls)
         self._stub = pb_grpc.LoaderStub(self._channel.channel)
 
     def _check_socket(self) -> None:
-        if not os.path.exists(self.socket):
+        if self.tcp is None and not os.path.exists(self.socket):
             raise daemon_not_running(self.socket, "no socket file")
 
     def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:

@@ -7,6 +7,7 @@ through ``tensorferry._env``.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import re
 import tomllib
 from pathlib import Path
@@ -64,6 +65,36 @@ class S3Settings:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TcpSettings:
+    #: host:port to listen on, e.g. "127.0.0.1:7443".
+    listen: str
+    #: PEM files: the server's certificate chain and key.
+    cert: Path
+    key: Path
+    #: PEM CA bundle; when set, clients must present a certificate it signed.
+    client_ca: Path | None = None
+
+
+def _tcp_settings(tcp: dict[str, Any]) -> TcpSettings | None:
+    if not tcp:
+        return None
+    listen = tcp.get("listen")
+    if not isinstance(listen, str) or ":" not in listen:
+        raise ConfigError(f"tcp.listen: expected host:port, got {listen!r}")
+    if not tcp.get("cert") or not tcp.get("key"):
+        raise ConfigError(
+            "tcp: gRPC over TCP needs TLS: set [tcp] cert and key (plaintext TCP is refused)"
+        )
+    paths = {name: Path(str(tcp[name])) for name in ("cert", "key", "client_ca") if tcp.get(name)}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ConfigError(f"tcp.{name}: {path} does not exist")
+    return TcpSettings(
+        listen=listen, cert=paths["cert"], key=paths["key"], client_ca=paths.get("client_ca")
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Limits:
     #: Largest model (bytes fetched) one load may bring in; 0 means no limit.
     max_model_bytes: int = 0
@@ -81,6 +112,10 @@ class Settings:
     socket: Path = _env.DEFAULT_SOCKET
     #: Permission bits of the socket; workers need write access to connect.
     socket_mode: int = 0o660
+    #: Group that owns the socket and the arenas (workers join it); None keeps ours.
+    socket_group: str | None = None
+    #: Optional gRPC over TCP; always TLS.
+    tcp: TcpSettings | None = None
     #: Allowed sources: ``s3://bucket/prefix`` entries and absolute local directories.
     allow: tuple[str, ...] = ()
     #: Serve any source the credentials reach (explicit opt-in, logged as a warning).
@@ -109,6 +144,17 @@ class Settings:
                 normalize_allow_entry(entry)
             except InvalidRequest as exc:
                 raise ConfigError(f"sources.allow: {exc.message}") from None
+        if self.socket_group is not None:
+            self.group_id()  # fail at start, not at the first arena
+
+    def group_id(self) -> int:
+        """The socket group's gid, or -1 (leave the group as it is)."""
+        if self.socket_group is None:
+            return -1
+        try:
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group: no such group {self.socket_group!r}") from None
 
 
 def normalize_allow_entry(entry: str) -> str:
@@ -176,6 +222,8 @@ def load_settings(
     return Settings(
         socket=_env.socket_path(socket),
         socket_mode=int(str(data.get("socket_mode", "660")), 8),
+        socket_group=str(data["socket_group"]) if data.get("socket_group") else None,
+        tcp=_tcp_settings(_section(data, "tcp")),
         allow=allow_entries,
         allow_any_source=bool(sources.get("allow_any", False)) or allow_any_source,
         shm_budget=parse_size(memory.get("shm_budget", 0), "memory.shm_budget"),

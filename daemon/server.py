@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorferry.daemon.config import ConfigError, Settings
+from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.service import LoaderService
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
@@ -78,7 +78,7 @@ async def run_daemon(
         await stack.enter_async_context(hold_socket_lock(settings.socket))
         sink = await stack.enter_async_context(
             CpuShmSink(settings.shm_dir, mode=settings.socket_mode & 0o440,
-                       budget=settings.shm_budget)
+                       budget=settings.shm_budget, group=settings.group_id())
         )  # fmt: skip
         backend = await stack.enter_async_context(S3Backend(settings.s3))
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -100,9 +100,12 @@ async def run_daemon(
         target = f"unix:{settings.socket}"
         if server.add_insecure_port(target) == 0:
             raise ConfigError(f"could not bind {target}")
+        if settings.tcp is not None:
+            _add_tls_port(server, settings.tcp)
         await server.start()
         # grpc creates the socket under the process umask; set the mode we document.
         os.chmod(settings.socket, settings.socket_mode)
+        os.chown(settings.socket, -1, settings.group_id())
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -117,6 +120,20 @@ async def run_daemon(
             service.stopping.set()
             await health.enter_graceful_shutdown()
             await server.stop(SHUTDOWN_GRACE)
+
+
+def _add_tls_port(server: grpc.aio.Server, tcp: TcpSettings) -> None:
+    """gRPC over TCP, TLS only: a plaintext client's handshake fails."""
+    ca = tcp.client_ca.read_bytes() if tcp.client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(tcp.key.read_bytes(), tcp.cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+    if server.add_secure_port(tcp.listen, credentials) == 0:
+        raise ConfigError(f"tcp.listen: could not bind {tcp.listen}")
+    log.info("also serving gRPC over TLS on %s (client certificates %s)", tcp.listen,
+             "required" if ca else "not required")  # fmt: skip
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

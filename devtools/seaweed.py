@@ -258,7 +258,7 @@ def _make_client(server: S3Server, keys: tuple[str, str] | None = None, **config
 
 
 def _check_shell_word(value: str) -> None:
-    # `weed shell` splits a command line on spaces and knows no quoting.
+    # `weed shell` splits its command line on whitespace: keep values to plain words.
     if not _SHELL_WORD.fullmatch(value):
         raise ValueError(f"{value!r} cannot be passed through `weed shell`")
 

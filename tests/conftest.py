@@ -113,6 +113,7 @@ def start_daemon(
     allow: list[str],
     extra_config: str = "",
     s3_config: str = "",
+    prelude: str = "",
     args: tuple[str, ...] = (),
     wait: bool = True,
     socket: Path | None = None,
@@ -122,8 +123,8 @@ def start_daemon(
     config = workdir / "tensorferry.toml"
     allow_toml = ", ".join(f'"{a}"' for a in allow)
     config.write_text(
-        f'[sources]\nallow = [{allow_toml}]\n[s3]\naddressing_style = "path"\n{s3_config}\n'
-        f"{extra_config}"
+        f"{prelude}[sources]\nallow = [{allow_toml}]\n"
+        f'[s3]\naddressing_style = "path"\n{s3_config}\n{extra_config}'
     )
     log = workdir / "daemon.log"
     with open(log, "wb") as out:

@@ -23,7 +23,7 @@ def test_client_public_surface() -> None:
     assert sorted(tensorferry.client.__all__) == [
         "AccessDenied", "AsyncClient", "Client", "DaemonNotRunning", "DaemonUnavailable",
         "InvalidArtifact", "InvalidRequest", "LoadedModel", "ResourceExhausted",
-        "SourceNotAllowed", "SourceNotFound", "TensorferryError",
+        "SourceNotAllowed", "SourceNotFound", "TensorferryError", "TlsConfig",
     ]  # fmt: skip
 
 

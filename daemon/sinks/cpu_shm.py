@@ -59,9 +59,12 @@ class ShmArena:
 class CpuShmSink:
     """Creates, tracks and removes this daemon's segments."""
 
-    def __init__(self, shm_dir: Path, *, mode: int = 0o640, budget: int = 0) -> None:
+    def __init__(
+        self, shm_dir: Path, *, mode: int = 0o640, budget: int = 0, group: int = -1
+    ) -> None:
         self.shm_dir = shm_dir
         self.mode = mode
+        self.group = group
         self.budget = budget
         self.instance = secrets.token_hex(6)
         self.used = 0
@@ -137,6 +140,7 @@ class CpuShmSink:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
         try:
             os.fchmod(fd, self.mode)  # the umask must not narrow what workers may open
+            os.fchown(fd, -1, self.group)
             # tmpfs never says ENOSPC on write: it OOM-kills. Reserve now to fail early.
             os.posix_fallocate(fd, 0, size)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
