@@ -100,6 +100,9 @@ class Limits:
     max_model_bytes: int = 0
     #: Cold loads fetching at once; more are refused, not queued.
     max_concurrent_loads: int = 8
+    #: Cold loads one client (by its declared name) may have fetching at once. Clients
+    #: name themselves, so this is fairness among cooperating workers, not a security limit.
+    max_loads_per_client: int = 4
     #: gRPC calls open at once (each worker lease is one open call).
     max_concurrent_rpcs: int = 4096
     #: Largest request message the daemon accepts.
@@ -230,6 +233,7 @@ def load_settings(
         limits=Limits(
             max_model_bytes=parse_size(limits.get("max_model_bytes", 0), "limits.max_model_bytes"),
             max_concurrent_loads=int(limits.get("max_concurrent_loads", 8)),
+            max_loads_per_client=int(limits.get("max_loads_per_client", 4)),
             max_concurrent_rpcs=int(limits.get("max_concurrent_rpcs", 4096)),
             max_request_bytes=parse_size(
                 limits.get("max_request_bytes", 4 << 20), "limits.max_request_bytes"

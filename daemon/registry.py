@@ -55,6 +55,8 @@ class Model:
     #: ...unless a preload asked for it.
     keep: bool = False
     task: asyncio.Task[None] | None = None
+    #: Who started the load (the client's declared name): per-client load limits.
+    client: str = ""
     created: float = dataclasses.field(default_factory=time.monotonic)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -74,9 +76,13 @@ class LoadRecord:
 
 
 class Registry:
-    def __init__(self, sink: CpuShmSink, tasks: asyncio.TaskGroup, max_loads: int = 0) -> None:
+    def __init__(
+        self, sink: CpuShmSink, tasks: asyncio.TaskGroup, max_loads: int = 0,
+        max_per_client: int = 0,
+    ) -> None:  # fmt: skip
         self.sink = sink
         self.max_loads = max_loads
+        self.max_per_client = max_per_client
         self._tasks = tasks
         self._by_key: dict[ModelKey, Model] = {}
         self._all: dict[str, Model] = {}
@@ -89,7 +95,7 @@ class Registry:
         return list(self._all.values())
 
     def get_or_start(
-        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]]
+        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]], client: str = ""
     ) -> tuple[Model, bool]:
         """The model for ``key`` and whether it was already there (loading or ready).
 
@@ -105,7 +111,14 @@ class Registry:
                 f"{len(self._loads)} loads are already fetching, the daemon's limit "
                 f"([limits] max_concurrent_loads = {self.max_loads}); retry when one finishes"
             )
-        model = Model(id=f"m{next(self._seq)}-{key.version[:8]}", key=key)
+        mine = sum(1 for m in self._all.values() if m.state is State.LOADING and m.client == client)
+        if self.max_per_client and mine >= self.max_per_client:
+            raise ResourceExhausted(
+                f"client {client!r} already has {mine} loads fetching, the daemon's limit per "
+                f"client ([limits] max_loads_per_client = {self.max_per_client}); retry when "
+                "one finishes"
+            )
+        model = Model(id=f"m{next(self._seq)}-{key.version[:8]}", key=key, client=client)
         self._by_key[key] = model
         self._all[model.id] = model
         task = self._tasks.create_task(self._run(model, load))

@@ -82,7 +82,8 @@ async def run_daemon(
         )  # fmt: skip
         backend = await stack.enter_async_context(S3Backend(settings.s3))
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
-        registry = Registry(sink, tasks, settings.limits.max_concurrent_loads)
+        limits = settings.limits
+        registry = Registry(sink, tasks, limits.max_concurrent_loads, limits.max_loads_per_client)
         stack.callback(registry.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
         service = LoaderService(settings, registry, backend, sink.instance)

@@ -178,7 +178,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         listing = await list_source(ref, store)
         key = ModelKey(ref.uri, listing_version(listing), device, select)
         model, existed = self.registry.get_or_start(
-            key, lambda m: self._cold_load(store, ref, listing, m, t0)
+            key, lambda m: self._cold_load(store, ref, listing, m, t0), client
         )
         sent = -1
         model.waiters += 1

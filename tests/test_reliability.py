@@ -153,3 +153,55 @@ def test_limits_are_refused_with_numbers(s3: S3Server, tmp_path: Path, prefix: s
         for call in held:
             call.cancel()
         channel.close()
+
+
+def test_concurrent_load_limits(s3: S3Server, tmp_path: Path, prefix: str) -> None:
+    uris = []
+    for name in ("a", "b", "c"):
+        write_model(tmp_path / name, 2 << 20, layer_bytes=1 << 20, seed=len(uris))
+        uris.append(upload(s3, tmp_path / name, f"{prefix}{name}/"))
+
+    def slow(req: RequestInfo) -> Fault | None:
+        return Fault(stall=1.5) if req.kind is Kind.DATA_GET else None
+
+    limits = "[limits]\nmax_concurrent_loads = 2\nmax_loads_per_client = 1\n"
+    with (
+        CountingProxy(s3.endpoint, fault=slow) as proxy,
+        running_daemon(
+            daemon_env(s3, proxy.endpoint), allow=[f"s3://{BUCKET}/"], extra_config=limits,
+            s3_config=SLOW,
+        ) as d,
+        d.client() as client,
+    ):  # fmt: skip
+        done: list[str] = []
+
+        def background(uri: str, name: str) -> None:
+            with client.load(uri, client_name=name) as model:
+                done.append(model.model_id)
+
+        first = threading.Thread(target=background, args=(uris[0], "w1"))
+        first.start()
+        while not client.list():
+            time.sleep(0.02)
+        with pytest.raises(ResourceExhausted) as info:
+            client.load(uris[1], client_name="w1")
+        assert info.value.message == (
+            "client 'w1' already has 1 loads fetching, the daemon's limit per client "
+            "([limits] max_loads_per_client = 1); retry when one finishes"
+        )
+        second = threading.Thread(target=background, args=(uris[1], "w2"))
+        second.start()
+        while len(client.list()) < 2:
+            time.sleep(0.02)
+        with pytest.raises(ResourceExhausted) as info:
+            client.load(uris[2], client_name="w3")
+        assert info.value.message == (
+            "2 loads are already fetching, the daemon's limit ([limits] max_concurrent_loads "
+            "= 2); retry when one finishes"
+        )
+        first.join(30)
+        second.join(30)
+        assert len(done) == 2
+        with client.load(uris[2], client_name="w3"):  # room again
+            pass
+        assert_clean(d)
