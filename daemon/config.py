@@ -127,6 +127,9 @@ class Settings:
     shm_dir: Path = Path("/dev/shm")
     #: Upper bound for CPU arenas together (0: MemAvailable is the only bound).
     shm_budget: int = 0
+    #: Freed arenas kept for reuse, up to this many bytes: refilling pages the kernel
+    #: already zeroed costs a fraction of the CPU of fresh ones. Yields to new loads.
+    recycle_bytes: int = 4 << 30
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     log_level: str = "INFO"
     limits: Limits = dataclasses.field(default_factory=lambda: Limits())
@@ -230,6 +233,7 @@ def load_settings(
         allow=allow_entries,
         allow_any_source=bool(sources.get("allow_any", False)) or allow_any_source,
         shm_budget=parse_size(memory.get("shm_budget", 0), "memory.shm_budget"),
+        recycle_bytes=parse_size(memory.get("recycle", 4 << 30), "memory.recycle"),
         limits=Limits(
             max_model_bytes=parse_size(limits.get("max_model_bytes", 0), "limits.max_model_bytes"),
             max_concurrent_loads=int(limits.get("max_concurrent_loads", 8)),

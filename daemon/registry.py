@@ -36,6 +36,9 @@ class ModelKey:
     version: str
     device: str
     select: tuple[str, ...] = ()
+    #: A prepared artifact's shards: this rank's, of world_size (0: no rank, everything).
+    rank: int = 0
+    world_size: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,6 +60,9 @@ class Model:
     task: asyncio.Task[None] | None = None
     #: Who started the load (the client's declared name): per-client load limits.
     client: str = ""
+    #: A lease was ended by Release while its worker may still hold views: never reuse
+    #: this arena's pages for another model.
+    released_early: bool = False
     created: float = dataclasses.field(default_factory=time.monotonic)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -196,7 +202,7 @@ class Registry:
 
     def _maybe_free(self, model: Model) -> None:
         if model.state is State.EVICTING and not model.leases and model.loaded is not None:
-            self.sink.release(model.loaded.arena)
+            self.sink.release(model.loaded.arena, recycle=not model.released_early)
             self._all.pop(model.id, None)
             log.info("freed model %s (%s)", model.id, model.key.uri)
 
@@ -207,6 +213,6 @@ class Registry:
     def close(self) -> None:
         for model in list(self._all.values()):
             if model.loaded is not None:
-                self.sink.release(model.loaded.arena)
+                self.sink.release(model.loaded.arena, recycle=False)
         self._all.clear()
         self._by_key.clear()

@@ -78,7 +78,8 @@ async def run_daemon(
         await stack.enter_async_context(hold_socket_lock(settings.socket))
         sink = await stack.enter_async_context(
             CpuShmSink(settings.shm_dir, mode=settings.socket_mode & 0o440,
-                       budget=settings.shm_budget, group=settings.group_id())
+                       budget=settings.shm_budget, group=settings.group_id(),
+                       recycle_budget=settings.recycle_bytes)
         )  # fmt: skip
         backend = await stack.enter_async_context(S3Backend(settings.s3))
         tasks = await stack.enter_async_context(asyncio.TaskGroup())

@@ -273,6 +273,9 @@ class LoaderService(pb_grpc.LoaderServicer):
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         event = self._released.get(request.lease_id)
         if event is not None:
+            model = self.registry.find_lease(request.lease_id)
+            if model is not None:
+                model.released_early = True
             event.set()
         return pb.ReleaseResponse(released=event is not None)
 
@@ -346,6 +349,7 @@ class LoaderService(pb_grpc.LoaderServicer):
                 for r in self.registry.recent
             ],
             resident_bytes=self.registry.sink.used,
+            recycled_bytes=self.registry.sink.recycled_bytes,
             shm_budget_bytes=self.registry.sink.budget,
             store_connections_open=self.backend.pool.open_connections,
             store_connections_busy=self.backend.pool.busy_connections,

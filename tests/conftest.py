@@ -85,7 +85,8 @@ class Daemon:
 
     def segments(self) -> list[str]:
         names = (p.name for p in SHM.glob(f"tensorferry.{self.instance}.*"))
-        return sorted(n for n in names if not n.endswith(".lock"))
+        # Lock files and freed arenas kept for reuse (".freeN") are not live segments.
+        return sorted(n for n in names if not n.endswith(".lock") and ".free" not in n)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:

@@ -172,3 +172,47 @@ def test_crash_recovery_sweeps_the_dead_daemons_segments(
             assert "removed" in restarted.output()
         assert "resource_tracker" not in crashed.output() + restarted.output()
         shutil.rmtree(crashed.log.parent, ignore_errors=True)
+
+
+def test_freed_arenas_are_recycled_except_after_an_early_release(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    from safetensors.torch import load_file
+
+    from tests.conftest import SHM, assert_same_tensors
+
+    uris, wants = [], []
+    for seed in (1, 2, 3):
+        write_model(tmp_path / f"m{seed}", 3 << 20, layer_bytes=1 << 20, seed=seed)
+        uris.append(upload(s3, tmp_path / f"m{seed}", f"{prefix}{seed}/"))
+        wants.append(load_file(tmp_path / f"m{seed}" / "model.safetensors"))
+    with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"]) as d, d.client() as client:
+        with client.load(uris[0]) as model:
+            assert_same_tensors(model.tensors, wants[0])
+        client.evict(uris[0])
+        free = sorted(SHM.glob(f"tensorferry.{d.instance}.free*"))
+        assert len(free) == 1
+        assert client.status().recycled_bytes == free[0].stat().st_size
+        with client.load(uris[1]) as model:  # lands in the recycled pages
+            assert not free[0].exists()
+            assert client.status().recycled_bytes == 0
+            assert_same_tensors(model.tensors, wants[1])
+            model_id = model.model_id
+        # An explicit Release while a view lives: that arena is unlinked, never reused.
+        client.evict(model_id)
+        model = client.load(uris[2])  # takes m2's freed pages
+        kept = model.tensors["layers.0.weight"]
+        client.release(model.lease_id)
+        client.evict(uris[2])
+        deadline = time.monotonic() + 10
+        while client.list() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.list() == []
+        assert list(SHM.glob(f"tensorferry.{d.instance}.free*")) == []  # unlinked, not kept
+        assert client.status().recycled_bytes == 0
+        want = {"w": wants[2]["layers.0.weight"]}
+        assert_same_tensors({"w": kept}, want)
+        with client.load(uris[0]) as again:  # fresh pages: m3's view is untouched
+            assert_same_tensors(again.tensors, wants[0])
+        assert_same_tensors({"w": kept}, want)
+        del kept, model

@@ -60,11 +60,15 @@ class CpuShmSink:
     """Creates, tracks and removes this daemon's segments."""
 
     def __init__(
-        self, shm_dir: Path, *, mode: int = 0o640, budget: int = 0, group: int = -1
-    ) -> None:
+        self, shm_dir: Path, *, mode: int = 0o640, budget: int = 0, group: int = -1,
+        recycle_budget: int = 0,
+    ) -> None:  # fmt: skip
         self.shm_dir = shm_dir
         self.mode = mode
         self.group = group
+        self.recycle_budget = recycle_budget
+        self.recycled_bytes = 0
+        self._free: list[tuple[Path, int]] = []
         self.budget = budget
         self.instance = secrets.token_hex(6)
         self.used = 0
@@ -84,7 +88,8 @@ class CpuShmSink:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         for arena in list(self._arenas.values()):
-            self.release(arena)
+            self.release(arena, recycle=False)
+        self._drop_recycled()
         if self._lock_fd is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._lock_path.unlink()
@@ -127,15 +132,66 @@ class CpuShmSink:
             avail = min(avail, self.budget - self.used)
         return max(avail, 0)
 
+    def _take_recycled(self, size: int, name: str) -> int | None:
+        """An open descriptor of a freed segment renamed to ``name``, if one fits.
+
+        The kernel zeroes every fresh tmpfs page on first write, which costs more CPU than
+        receiving the bytes; a freed arena's pages are already there.
+        """
+        fits = [f for f in self._free if f[1] >= size and f[1] <= 2 * size + (64 << 20)]
+        if not fits:
+            return None
+        path, capacity = min(fits, key=lambda f: f[1])
+        self._free.remove((path, capacity))
+        self.recycled_bytes -= capacity
+        target = self.shm_dir / name
+        os.rename(path, target)
+        fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+        if capacity > size:
+            os.ftruncate(fd, size)  # give the tail back
+        return fd
+
+    def _drop_recycled(self) -> None:
+        for path, _ in self._free:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._free.clear()
+        self.recycled_bytes = 0
+
     def allocate(self, size: int, what: str) -> ShmArena:
-        available = self.available()
-        if size > available:
-            raise ResourceExhausted(
-                f"loading {what} needs {size} bytes of shared memory but only {available} "
-                f"are available (budget {self.budget or 'unset'}, in use {self.used}); "
-                "evict a model with `tensorferry evict` or raise [memory] shm_budget"
-            )
         name = f"{PREFIX}{self.instance}.{next(self._seq)}"
+        if self.budget and size > self.budget - self.used:
+            self._refuse(size, what, self.budget - self.used)
+        fd = self._take_recycled(size, name)
+        if fd is None:
+            fd = self._create(size, what, name)
+        path = self.shm_dir / name
+        try:
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            path.unlink()
+            raise
+        finally:
+            os.close(fd)
+        arena = ShmArena(name, size, path, mapping)
+        self._arenas[name] = arena
+        self.used += size
+        return arena
+
+    def _refuse(self, size: int, what: str, available: int) -> None:
+        raise ResourceExhausted(
+            f"loading {what} needs {size} bytes of shared memory but only {available} "
+            f"are available (budget {self.budget or 'unset'}, in use {self.used}); "
+            "evict a model with `tensorferry evict` or raise [memory] shm_budget"
+        )
+
+    def _create(self, size: int, what: str, name: str) -> int:
+        available = self.available()
+        if size > available and self._free:
+            self._drop_recycled()  # memory held for reuse yields to a real need
+            available = self.available()
+        if size > available:
+            self._refuse(size, what, available)
         path = self.shm_dir / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
         try:
@@ -143,25 +199,37 @@ class CpuShmSink:
             os.fchown(fd, -1, self.group)
             # tmpfs never says ENOSPC on write: it OOM-kills. Reserve now to fail early.
             os.posix_fallocate(fd, 0, size)
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             path.unlink()
             raise
-        os.close(fd)
-        arena = ShmArena(name, size, path, mapping)
-        self._arenas[name] = arena
-        self.used += size
-        return arena
+        return fd
 
-    def release(self, arena: ShmArena) -> None:
-        """Unmap and unlink; workers' existing mappings stay valid until they drop them."""
+    def release(self, arena: ShmArena, *, recycle: bool = True) -> None:
+        """Unmap, then keep the segment for reuse (renamed) or unlink it.
+
+        Only recycle when no worker can still map it: a freed model's leases are all gone,
+        and a lease ends when the worker's last view is gone. (An explicit Release while
+        views live is the exception the caller signals with ``recycle=False``: unlinking
+        keeps those views valid.)
+        """
         if self._arenas.pop(arena.name, None) is None:
             return
         arena.unmap()
+        self.used -= arena.size
+        if recycle and arena.size <= self.recycle_budget:
+            while self._free and self.recycled_bytes + arena.size > self.recycle_budget:
+                oldest, capacity = self._free.pop(0)
+                oldest.unlink(missing_ok=True)
+                self.recycled_bytes -= capacity
+            free = self.shm_dir / f"{PREFIX}{self.instance}.free{next(self._seq)}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(arena.path, free)
+                self._free.append((free, arena.size))
+                self.recycled_bytes += arena.size
+                return
         with contextlib.suppress(FileNotFoundError):
             arena.path.unlink()
-        self.used -= arena.size
 
     @property
     def arena_names(self) -> list[str]:

@@ -206,7 +206,7 @@ class LoadRecord(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., outcome: _Optional[str] = ..., plan_seconds: _Optional[float] = ..., first_byte_seconds: _Optional[float] = ..., fetch_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., gbps: _Optional[float] = ..., error: _Optional[str] = ..., retries: _Optional[int] = ..., retry_causes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "instance_id", "pid", "uptime_seconds", "models", "recent_loads", "resident_bytes", "shm_budget_bytes", "store_connections_open", "arenas", "store_connections_busy")
+    __slots__ = ("version", "instance_id", "pid", "uptime_seconds", "models", "recent_loads", "resident_bytes", "shm_budget_bytes", "store_connections_open", "arenas", "store_connections_busy", "recycled_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class StatusResponse(_message.Message):
     STORE_CONNECTIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
     ARENAS_FIELD_NUMBER: _ClassVar[int]
     STORE_CONNECTIONS_BUSY_FIELD_NUMBER: _ClassVar[int]
+    RECYCLED_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: str
     instance_id: str
     pid: int
@@ -229,7 +230,8 @@ class StatusResponse(_message.Message):
     store_connections_open: int
     arenas: _containers.RepeatedScalarFieldContainer[str]
     store_connections_busy: int
-    def __init__(self, version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recent_loads: _Optional[_Iterable[_Union[LoadRecord, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., shm_budget_bytes: _Optional[int] = ..., store_connections_open: _Optional[int] = ..., arenas: _Optional[_Iterable[str]] = ..., store_connections_busy: _Optional[int] = ...) -> None: ...
+    recycled_bytes: int
+    def __init__(self, version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recent_loads: _Optional[_Iterable[_Union[LoadRecord, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., shm_budget_bytes: _Optional[int] = ..., store_connections_open: _Optional[int] = ..., arenas: _Optional[_Iterable[str]] = ..., store_connections_busy: _Optional[int] = ..., recycled_bytes: _Optional[int] = ...) -> None: ...
 
 class GetFileRequest(_message.Message):
     __slots__ = ("uri", "name")
