@@ -132,6 +132,10 @@ class Settings:
     recycle_bytes: int = 4 << 30
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     log_level: str = "INFO"
+    #: Models to load at start (READY does not wait for them).
+    preload: tuple[str, ...] = ()
+    #: On SIGTERM, seconds to wait for workers to end their leases before exiting.
+    shutdown_grace: float = 20.0
     limits: Limits = dataclasses.field(default_factory=lambda: Limits())
 
     def __post_init__(self) -> None:
@@ -245,4 +249,6 @@ def load_settings(
         ),
         s3=s3_settings,
         log_level=_env.log_level() or str(data.get("log_level", "INFO")),
+        preload=tuple(str(u) for u in data.get("preload", ())),
+        shutdown_grace=float(data.get("shutdown_grace", 20.0)),
     )

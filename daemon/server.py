@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tensorferry.daemon import systemd
 from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.service import LoaderService
@@ -115,13 +117,43 @@ async def run_daemon(
             os.getpid(), settings.socket, sink.instance, settings.s3.concurrency,
         )  # fmt: skip
         on_ready()
+        systemd.notify(f"READY=1\nSTATUS=serving on {settings.socket}")
+        tasks.create_task(systemd.watchdog(stop))
+        for uri in settings.preload:
+            tasks.create_task(_preload(service, uri))
         try:
             await stop.wait()
         finally:
+            systemd.notify("STOPPING=1")
+            await _drain(service, settings.shutdown_grace)
             log.info("stopping: ending leases and in-flight calls")
             service.stopping.set()
             await health.enter_graceful_shutdown()
             await server.stop(SHUTDOWN_GRACE)
+
+
+async def _drain(service: LoaderService, grace: float) -> None:
+    """Refuse new loads; give workers up to ``grace`` seconds to end their leases.
+
+    CUDA arenas die with the exporting process and CPU arenas are unlinked at exit, so a
+    worker must reload after a daemon restart; the grace lets a rolling restart first
+    move traffic away.
+    """
+    service.draining.set()
+    deadline = time.monotonic() + grace
+    # Polled: shutdown is rare and 50 ms is fine; an event would thread through the registry.
+    while time.monotonic() < deadline and any(m.leases for m in service.registry.models):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+async def _preload(service: LoaderService, uri: str) -> None:
+    """A preload from the config: logged, never fatal (READY does not wait for it)."""
+    try:
+        async for _ in service.preload_events(uri):
+            pass
+        log.info("preloaded %s", uri)
+    except Exception as exc:
+        log.error("preload of %s failed: %s", uri, exc)
 
 
 def _add_tls_port(server: grpc.aio.Server, tcp: TcpSettings) -> None:

@@ -115,6 +115,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         )
         self._released: dict[str, asyncio.Event] = {}
         self.stopping = asyncio.Event()
+        self.draining = asyncio.Event()
 
     def _store(self, ref: SourceRef) -> Store:
         if ref.scheme == "s3":
@@ -167,8 +168,11 @@ class LoaderService(pb_grpc.LoaderServicer):
         self, request: pb.LoadRequest | pb.PreloadRequest, client: str, lease: bool
     ) -> AsyncIterator[pb.LoadEvent]:
         t0 = time.monotonic()
-        if self.stopping.is_set():
-            raise FailedPrecondition("the tensorferry daemon is shutting down; retry shortly")
+        if self.draining.is_set():
+            raise DaemonUnavailable(
+                "the tensorferry daemon is shutting down and takes no new loads; retry when "
+                "it is back"
+            )
         ref = parse_uri(request.uri)
         device = check_device(request.device)
         select = check_select(request.select)
@@ -245,6 +249,9 @@ class LoaderService(pb_grpc.LoaderServicer):
             if lease:
                 self._released.pop(lease_id, None)
                 self.registry.drop_lease(model, lease_id)
+
+    def preload_events(self, uri: str) -> AsyncIterator[pb.LoadEvent]:
+        return self._events(pb.PreloadRequest(uri=uri), "config preload", lease=False)
 
     async def _stream(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any], lease: bool

@@ -47,6 +47,21 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     return Path(env) if env else None
 
 
+def notify_socket() -> str | None:
+    """systemd's $NOTIFY_SOCKET (Type=notify services)."""
+    return _get("NOTIFY_SOCKET")
+
+
+def watchdog_usec() -> int | None:
+    value = _get("WATCHDOG_USEC")
+    return int(value) if value and value.isdigit() else None
+
+
+def watchdog_pid() -> int | None:
+    value = _get("WATCHDOG_PID")
+    return int(value) if value and value.isdigit() else None
+
+
 def log_level() -> str | None:
     return _get(LOG_LEVEL)
 

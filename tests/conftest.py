@@ -123,6 +123,8 @@ def start_daemon(
     socket = socket or workdir / "tf.sock"
     config = workdir / "tensorferry.toml"
     allow_toml = ", ".join(f'"{a}"' for a in allow)
+    if "shutdown_grace" not in prelude:
+        prelude += "shutdown_grace = 0\n"  # tests hold leases; don't wait for them at exit
     config.write_text(
         f"{prelude}[sources]\nallow = [{allow_toml}]\n"
         f'[s3]\naddressing_style = "path"\n{s3_config}\n{extra_config}'

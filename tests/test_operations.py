@@ -1,0 +1,73 @@
+"""Running it under systemd: sd_notify, watchdog, preload at start, draining on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tensorferry.client import DaemonUnavailable
+from tensorferry.devtools.modelgen import write_model
+from tensorferry.devtools.seaweed import S3Server
+from tests.conftest import BUCKET, daemon_env, running_daemon, short_dir, start_daemon, upload
+
+
+def test_notify_ready_watchdog_and_stopping(s3: S3Server) -> None:
+    path = short_dir() / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(20)
+    env = daemon_env(s3)
+    env.update(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000")
+    try:
+        d = start_daemon(env, allow=[f"s3://{BUCKET}/"])
+        messages = [listener.recv(4096).decode() for _ in range(3)]
+        assert messages[0].startswith("READY=1\nSTATUS=serving on ")
+        assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]  # every WatchdogSec / 2
+        d.stop(signal.SIGTERM)
+        rest = []
+        while "STOPPING=1" not in rest:
+            rest.append(listener.recv(4096).decode())
+    finally:
+        listener.close()
+
+
+def test_preload_list_loads_at_start(s3: S3Server, tmp_path: Path, prefix: str) -> None:
+    write_model(tmp_path / "m", 1 << 20, layer_bytes=1 << 19)
+    uri = upload(s3, tmp_path / "m", prefix)
+    prelude = f'preload = ["{uri}", "s3://{BUCKET}/{prefix}missing/"]\n'
+    with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], prelude=prelude) as d:
+        deadline = time.monotonic() + 20
+        with d.client() as client:
+            while time.monotonic() < deadline and [m.state for m in client.list()] != ["ready"]:
+                time.sleep(0.05)
+            assert [(m.uri, m.state) for m in client.list()] == [(uri, "ready")]
+            assert client.status().recent_loads[0].uri in (uri, f"s3://{BUCKET}/{prefix}missing/")
+    assert f"preload of s3://{BUCKET}/{prefix}missing/ failed: " in d.output()
+
+
+def test_sigterm_drains_leases_within_the_grace_period(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 1 << 20, layer_bytes=1 << 19)
+    uri = upload(s3, tmp_path / "m", prefix)
+    d = start_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], prelude="shutdown_grace = 20\n")
+    with d.client() as client:
+        model = client.load(uri)
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert d.proc.poll() is None  # waiting for our lease
+        with pytest.raises(DaemonUnavailable) as info:
+            client.load(uri, select=["layers.0.bias"])
+        assert info.value.message == (
+            "the tensorferry daemon is shutting down and takes no new loads; retry when it is back"
+        )
+        t0 = time.monotonic()
+        model.close()
+        del model
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - t0 < 5  # well before the 20 s grace
+    assert not d.socket.exists()
