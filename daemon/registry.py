@@ -63,6 +63,8 @@ class Model:
     #: A lease was ended by Release while its worker may still hold views: never reuse
     #: this arena's pages for another model.
     released_early: bool = False
+    #: Kept resident: never evicted to make room.
+    pinned: bool = False
     created: float = dataclasses.field(default_factory=time.monotonic)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -87,6 +89,7 @@ class Registry:
         max_per_client: int = 0,
     ) -> None:  # fmt: skip
         self.sink = sink
+        sink.reclaim = self.reclaim
         self.max_loads = max_loads
         self.max_per_client = max_per_client
         self._tasks = tasks
@@ -199,6 +202,22 @@ class Registry:
             pending += len(model.leases)
             self._maybe_free(model)
         return [m.id for m in matches], pending
+
+    def reclaim(self, needed: int) -> None:
+        """Evict ready models nobody holds, least recently used first, to free ``needed``."""
+        idle = sorted(
+            (m for m in self._all.values()
+             if m.state is State.READY and not m.leases and not m.pinned and m.loaded),
+            key=lambda m: m.last_used,
+        )  # fmt: skip
+        freed = 0
+        for model in idle:
+            if freed >= needed:
+                break
+            assert model.loaded is not None
+            freed += model.loaded.arena.size
+            log.info("evicting %s (least recently used) to make room", model.key.uri)
+            self.evict(model.id)
 
     def _maybe_free(self, model: Model) -> None:
         if model.state is State.EVICTING and not model.leases and model.loaded is not None:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.proxy import CountingProxy, Fault, Kind, RequestInfo
 from tensorferry.devtools.seaweed import S3Server
@@ -216,3 +218,35 @@ def test_freed_arenas_are_recycled_except_after_an_early_release(
             assert_same_tensors(again.tensors, wants[0])
         assert_same_tensors({"w": kept}, want)
         del kept, model
+
+
+def test_unleased_models_are_evicted_least_recently_used_first(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    from tensorferry.errors import ResourceExhausted
+
+    uris = {}
+    for name in "abc":
+        write_model(tmp_path / name, 3 << 20, layer_bytes=1 << 20, seed=ord(name))
+        uris[name] = upload(s3, tmp_path / name, f"{prefix}{name}/")
+    budget = '[memory]\nshm_budget = "8MiB"\n'
+    with (
+        running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], extra_config=budget) as d,
+        d.client() as client,
+    ):
+        for name in "aba":  # a is used after b: b is the least recently used
+            with client.load(uris[name]):
+                pass
+        with client.load(uris["c"]) as c:
+            assert sorted(m.uri for m in client.list()) == [uris["a"], uris["c"]]
+            with client.load(uris["a"]) as a, pytest.raises(ResourceExhausted) as info:
+                client.load(uris["b"])  # both residents are leased: nothing to evict
+            size = client.list()[0].bytes  # every arena here has the same size
+            assert info.value.message == (
+                f"loading {uris['b']} needs {size} bytes of shared memory but only "
+                f"{(8 << 20) - 2 * size} are available (budget 8388608, in use {2 * size}); "
+                "evict a model with `tensorferry evict` or raise [memory] shm_budget"
+            )
+            del a
+        del c
+        assert_clean(d)

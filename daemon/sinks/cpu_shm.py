@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -67,6 +68,8 @@ class CpuShmSink:
         self.mode = mode
         self.group = group
         self.recycle_budget = recycle_budget
+        #: Set by the registry: evict unleased models (LRU) to free about this many bytes.
+        self.reclaim: Callable[[int], None] = lambda needed: None
         self.recycled_bytes = 0
         self._free: list[tuple[Path, int]] = []
         self.budget = budget
@@ -161,7 +164,9 @@ class CpuShmSink:
     def allocate(self, size: int, what: str) -> ShmArena:
         name = f"{PREFIX}{self.instance}.{next(self._seq)}"
         if self.budget and size > self.budget - self.used:
-            self._refuse(size, what, self.budget - self.used)
+            self.reclaim(size - (self.budget - self.used))
+            if size > self.budget - self.used:
+                self._refuse(size, what, self.budget - self.used)
         fd = self._take_recycled(size, name)
         if fd is None:
             fd = self._create(size, what, name)
@@ -189,6 +194,13 @@ class CpuShmSink:
         available = self.available()
         if size > available and self._free:
             self._drop_recycled()  # memory held for reuse yields to a real need
+            available = self.available()
+        if size > available:
+            self.reclaim(size - available)  # evicted arenas land in the recycle pool...
+            fd = self._take_recycled(size, name)
+            if fd is not None:
+                return fd
+            self._drop_recycled()  # ...or give their memory back
             available = self.available()
         if size > available:
             self._refuse(size, what, available)
