@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -132,6 +133,8 @@ class Settings:
     recycle_bytes: int = 4 << 30
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     log_level: str = "INFO"
+    #: host:port of the Prometheus endpoint (loopback only); None: off.
+    metrics_listen: str | None = None
     #: Models to load at start (READY does not wait for them).
     preload: tuple[str, ...] = ()
     #: On SIGTERM, seconds to wait for workers to end their leases before exiting.
@@ -186,6 +189,21 @@ def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"[{name}]: expected a table")
     return value
+
+
+def _loopback(listen: Any, key: str) -> str | None:
+    """host:port on a loopback address (metrics are no API: they stay on the host)."""
+    if listen is None:
+        return None
+    host, _, port = str(listen).rpartition(":")
+    host = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback or not port.isdigit():
+        raise ConfigError(f"{key}: {listen} is not a loopback host:port")
+    return str(listen)
 
 
 def load_settings(
@@ -250,5 +268,6 @@ def load_settings(
         s3=s3_settings,
         log_level=_env.log_level() or str(data.get("log_level", "INFO")),
         preload=tuple(str(u) for u in data.get("preload", ())),
+        metrics_listen=_loopback(_section(data, "metrics").get("listen"), "metrics.listen"),
         shutdown_grace=float(data.get("shutdown_grace", 20.0)),
     )

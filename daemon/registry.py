@@ -83,6 +83,16 @@ class LoadRecord:
     retry_causes: tuple[tuple[str, int], ...] = ()
 
 
+class RecentLoads(collections.deque[LoadRecord]):
+    """The last loads, for Status; ``on_record`` feeds metrics as each one is added."""
+
+    on_record: Callable[[LoadRecord], None] = staticmethod(lambda record: None)
+
+    def append(self, record: LoadRecord) -> None:
+        super().append(record)
+        self.on_record(record)
+
+
 class Registry:
     def __init__(
         self, sink: CpuShmSink, tasks: asyncio.TaskGroup, max_loads: int = 0,
@@ -97,7 +107,7 @@ class Registry:
         self._all: dict[str, Model] = {}
         self._seq = itertools.count(1)
         self._loads: set[asyncio.Task[None]] = set()
-        self.recent: collections.deque[LoadRecord] = collections.deque(maxlen=32)
+        self.recent = RecentLoads(maxlen=32)
 
     @property
     def models(self) -> list[Model]:

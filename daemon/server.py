@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorferry.daemon import systemd
 from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
+from tensorferry.daemon.metrics import Metrics
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.service import LoaderService
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
@@ -88,6 +89,12 @@ async def run_daemon(
         limits = settings.limits
         registry = Registry(sink, tasks, limits.max_concurrent_loads, limits.max_loads_per_client)
         stack.callback(registry.close)
+        if settings.metrics_listen:
+            metrics = Metrics(registry)
+            registry.recent.on_record = metrics.observe
+            backend.on_get = metrics.get_seconds.observe
+            metrics.serve(settings.metrics_listen)
+            stack.callback(metrics.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
         service = LoaderService(settings, registry, backend, sink.instance)
         limits = settings.limits

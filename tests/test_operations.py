@@ -71,3 +71,54 @@ def test_sigterm_drains_leases_within_the_grace_period(
         assert d.proc.wait(15) == 0
         assert time.monotonic() - t0 < 5  # well before the 20 s grace
     assert not d.socket.exists()
+
+
+def test_prometheus_metrics_on_loopback(s3: S3Server, tmp_path: Path, prefix: str) -> None:
+    import urllib.request
+
+    from tests.test_access import free_port
+
+    write_model(tmp_path / "m", 2 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+    port = free_port()
+    metrics = f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+    with (
+        running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], extra_config=metrics) as d,
+        d.client() as client,
+        client.load(uri) as model,
+    ):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        assert samples['tensorferry_loads_total{outcome="ready"}'] == 1
+        assert samples[f'tensorferry_fetched_bytes_total{{source="s3://{BUCKET}"}}'] == (
+            model.total_bytes
+        )
+        assert samples["tensorferry_leases"] == 1
+        arena = client.list()[0].bytes
+        assert samples['tensorferry_resident_bytes{device="cpu",tier="shm"}'] == arena
+        assert samples["tensorferry_range_get_seconds_count"] >= 1
+        assert samples['tensorferry_time_to_ready_seconds_count{kind="cold"}'] == 1
+
+
+def test_metrics_refuse_a_non_loopback_address(s3: S3Server) -> None:
+    import subprocess
+    import sys
+
+    config = short_dir() / "c.toml"
+    config.write_text(
+        f'[sources]\nallow = ["s3://{BUCKET}/"]\n[metrics]\nlisten = "0.0.0.0:9464"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
+         "--socket", str(config.parent / "tf.sock")],
+        env=daemon_env(s3), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        "tensorferry serve: metrics.listen: 0.0.0.0:9464 is not a loopback host:port"
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -59,6 +61,8 @@ class S3Backend:
         )
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
+        #: Called with each successful range GET's duration (metrics).
+        self.on_get: Callable[[float], None] = lambda seconds: None
 
     async def __aenter__(self) -> S3Backend:
         from aiobotocore.config import AioConfig
@@ -184,6 +188,8 @@ class S3Store(Store):
                 Params={"Bucket": self.bucket, "Key": self.prefix + obj.key},
                 ExpiresIn=PRESIGN_SECONDS,
             )
+            t0 = time.monotonic()
             await self.backend.pool.get_into(url, {"If-Match": obj.etag}, dest, start)
+            self.backend.on_get(time.monotonic() - t0)
         except Exception as exc:
             raise self.backend.translate(what, self.bucket, exc) from exc
