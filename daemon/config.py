@@ -133,6 +133,8 @@ class Settings:
     recycle_bytes: int = 4 << 30
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     log_level: str = "INFO"
+    #: "text" or "json" (one object per line, for log shippers).
+    log_format: str = "text"
     #: host:port of the Prometheus endpoint (loopback only); None: off.
     metrics_listen: str | None = None
     #: Models to load at start (READY does not wait for them).
@@ -189,6 +191,12 @@ def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"[{name}]: expected a table")
     return value
+
+
+def _choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+    return str(value)
 
 
 def _loopback(listen: Any, key: str) -> str | None:
@@ -267,6 +275,7 @@ def load_settings(
         ),
         s3=s3_settings,
         log_level=_env.log_level() or str(data.get("log_level", "INFO")),
+        log_format=_choice(data.get("log_format", "text"), ("text", "json"), "log_format"),
         preload=tuple(str(u) for u in data.get("preload", ())),
         metrics_listen=_loopback(_section(data, "metrics").get("listen"), "metrics.listen"),
         shutdown_grace=float(data.get("shutdown_grace", 20.0)),

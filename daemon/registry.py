@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
+from tensorferry.daemon.logs import log_load
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
 from tensorferry.errors import ModelNotFound, ResourceExhausted
@@ -90,6 +91,7 @@ class RecentLoads(collections.deque[LoadRecord]):
 
     def append(self, record: LoadRecord) -> None:
         super().append(record)
+        log_load(record)
         self.on_record(record)
 
 

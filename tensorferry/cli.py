@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -49,10 +48,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tensorferry serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level or settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from tensorferry.daemon import logs
+
+    logs.configure(args.log_level or settings.log_level, settings.log_format)
 
     async def main() -> None:
         stop = asyncio.Event()

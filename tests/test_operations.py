@@ -122,3 +122,23 @@ def test_metrics_refuse_a_non_loopback_address(s3: S3Server) -> None:
     assert result.stderr.strip().endswith(
         "tensorferry serve: metrics.listen: 0.0.0.0:9464 is not a loopback host:port"
     )
+
+
+def test_json_logs_carry_each_load(s3: S3Server, tmp_path: Path, prefix: str) -> None:
+    import json
+
+    write_model(tmp_path / "m", 1 << 20, layer_bytes=1 << 19)
+    uri = upload(s3, tmp_path / "m", prefix)
+    prelude = 'log_format = "json"\n'
+    with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], prelude=prelude) as d:
+        with d.client() as client, client.load(uri) as model:
+            size = model.total_bytes
+    docs = [json.loads(line) for line in d.output().splitlines() if line.startswith("{")]
+    assert docs
+    assert {"time", "level", "logger", "message"} <= set(docs[0])
+    (load,) = [doc["load"] for doc in docs if "load" in doc]
+    assert load["uri"] == uri
+    assert load["outcome"] == "ready"
+    assert load["bytes"] == size
+    assert load["total_seconds"] > 0
+    assert load["gbps"] > 0
