@@ -206,9 +206,13 @@ def tensorferry_daemon(work: Path, env: dict[str, str]) -> Iterator[subprocess.P
 
 
 def shm_files(instance: str, *, lock: bool = True) -> list[str]:
-    # Only this daemon's: other tensorferry work (tests) may share /dev/shm.
+    """This daemon's live arenas (plus its lock file when ``lock``).
+
+    Only this daemon's: other tensorferry work (tests) may share /dev/shm. Freed arenas the
+    daemon keeps for reuse (".freeN") are not live; they go when the daemon stops.
+    """
     names = sorted(p.name for p in SHM.glob(f"tensorferry.{instance}.*"))
-    return [n for n in names if lock or not n.endswith(".lock")]
+    return [n for n in names if (lock or not n.endswith(".lock")) and ".free" not in n]
 
 
 @dataclasses.dataclass

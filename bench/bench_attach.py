@@ -1,0 +1,99 @@
+"""Warm attach: from Client() (torch already imported) to tensors ready, in fresh processes.
+
+A model of ~300 tensors is made resident once; then each of --runs fresh worker processes
+imports torch, starts a timer, creates a Client, loads the resident model (an attach: no
+fetch) and stops the timer once every tensor view exists. Prints p50/p99/max in ms.
+
+Usage: .venv/bin/python bench/bench_attach.py [--runs 50] [--tensors 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tensorferry.client import Client
+from tensorferry.devtools.seaweed import run_seaweed
+
+WORKER = """
+import json, sys, time
+import torch  # imported before the clock starts, as in a real worker
+t0 = time.perf_counter()
+from tensorferry.client import Client
+with Client() as client, client.load(sys.argv[1]) as model:
+    n = len(model.tensors)
+    ms = (time.perf_counter() - t0) * 1e3
+print(json.dumps({"ms": ms, "tensors": n, "attached": model.attached}))
+"""
+
+
+def write_model(directory: Path, tensors: int) -> None:
+    directory.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    layers = {f"layers.{i}.weight": torch.randn(256, 256, generator=gen) for i in range(tensors)}
+    save_file(layers, str(directory / "model.safetensors"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--tensors", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tf-attach-", dir="/tmp") as tmp:
+        work = Path(tmp)
+        write_model(work / "m", args.tensors)
+        with run_seaweed(work / "seaweed") as s3:
+            s3.create_bucket("bench")
+            s3.client().upload_file(
+                str(work / "m" / "model.safetensors"), "bench", "m/model.safetensors"
+            )
+            socket = work / "tf.sock"
+            (work / "c.toml").write_text(
+                '[sources]\nallow = ["s3://bench/"]\n[s3]\naddressing_style = "path"\n'
+            )
+            env = {**os.environ, **s3.env(), "TENSORFERRY_SOCKET": str(socket)}
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "tensorferry", "serve", "--config", str(work / "c.toml")],
+                env=env, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+            try:
+                while not socket.exists():
+                    time.sleep(0.05)
+                with Client(socket) as client:
+                    client.preload("s3://bench/m/")
+                times = []
+                for _ in range(args.runs):
+                    out = subprocess.run(
+                        [sys.executable, "-c", WORKER, "s3://bench/m/"], env=env,
+                        capture_output=True, text=True, check=True,
+                    )  # fmt: skip
+                    result = json.loads(out.stdout)
+                    assert result["attached"]
+                    assert result["tensors"] == args.tensors
+                    times.append(result["ms"])
+            finally:
+                daemon.terminate()
+                daemon.wait(30)
+    times.sort()
+    p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
+    p50 = statistics.median(times)
+    p50 = statistics.median(times)
+    print(
+        f"warm attach of {args.tensors} tensors, {args.runs} fresh processes: "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {times[-1]:.1f} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
