@@ -27,11 +27,15 @@ class AsyncClient:
     async def load(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
         progress: ProgressFn | None = None, client_name: str = "", select: Sequence[str] = (),
+        rank: int = 0, world_size: int = 0,
     ) -> LoadedModel:  # fmt: skip
         if not os.path.exists(self.socket):
             raise daemon_not_running(self.socket, "no socket file")
         name = client_name or f"pid {os.getpid()}"
-        request = pb.LoadRequest(uri=uri, device=device, client_name=name, select=select)
+        request = pb.LoadRequest(
+            uri=uri, device=device, client_name=name, select=select, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
         call = self._stub.Load(request)
         table: list[pb.TensorInfo] = []
         try:

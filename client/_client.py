@@ -164,16 +164,23 @@ class Client:
         progress: ProgressFn | None = None,
         client_name: str = "",
         select: Sequence[str] = (),
+        rank: int = 0,
+        world_size: int = 0,
     ) -> LoadedModel:
         """Load (or attach to) a model; blocks until it is resident, then holds a lease.
 
         ``select`` takes tensor names or glob patterns: only those tensors are fetched.
+        ``rank``/``world_size``: for an artifact prepared with a shard plan, only this
+        rank's slices (see `tensorferry prepare`).
         """
         if self._channel is None:
             raise FailedPrecondition("this Client is closed")
         self._check_socket()
         name = client_name or f"pid {os.getpid()}"
-        request = pb.LoadRequest(uri=uri, device=device, client_name=name, select=select)
+        request = pb.LoadRequest(
+            uri=uri, device=device, client_name=name, select=select, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
         call = self._stub.Load(request)
         timer = threading.Timer(timeout, call.cancel) if timeout else None
         if timer is not None:
@@ -218,12 +225,15 @@ class Client:
 
     def preload(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
-        progress: ProgressFn | None = None, select: Sequence[str] = (),
+        progress: ProgressFn | None = None, select: Sequence[str] = (), rank: int = 0,
+        world_size: int = 0,
     ) -> pb.Ready:  # fmt: skip
         """Make a model resident without holding it; returns the daemon's ready event."""
         self._check_socket()
         try:
-            request = pb.PreloadRequest(uri=uri, device=device, select=select)
+            request = pb.PreloadRequest(
+                uri=uri, device=device, select=select, rank=rank, world_size=world_size
+            )
             call = self._stub.Preload(request, timeout=timeout)
             return collect(call, progress)[0]
         except grpc.RpcError as err:

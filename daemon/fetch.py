@@ -5,6 +5,9 @@ back a whole wave (as ``gather`` in waves would). A range that fails for a reaso
 pass (a reset connection, a 503, a stall, a wrong Content-Range) is retried with
 exponential backoff and jitter, within a per-range attempt limit and a per-load retry
 budget; any other error, or an exhausted budget, cancels the rest.
+
+A range that carries chunk checksums (a prepared artifact) is verified in place once it
+has landed; a mismatch is read again, and one that persists is corrupt at rest.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+import crc32c
+
 from tensorferry.daemon._tasks import task_group
 from tensorferry.daemon.planner import Range
 from tensorferry.daemon.store.base import Store
-from tensorferry.errors import StoreUnavailable
+from tensorferry.errors import DataLoss, StoreUnavailable
 
 log = logging.getLogger(__name__)
+#: Reads of a range whose checksum fails before it counts as corrupt at rest.
+CHECKSUM_READS = 3
+#: Chunks at least this large are checksummed off the event loop (crc32c drops the GIL).
+_THREAD_CRC_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,16 +75,28 @@ class _Budget:
         self.left = total
 
 
+def _first_bad_chunk(r: Range, dest: memoryview) -> tuple[int, int] | None:
+    for offset, length, crc in r.checks:
+        if crc32c.crc32c(dest[offset : offset + length]) != crc:
+            return offset, length
+    return None
+
+
+async def _verify(r: Range, dest: memoryview) -> tuple[int, int] | None:
+    if r.length >= _THREAD_CRC_BYTES:
+        return await asyncio.to_thread(_first_bad_chunk, r, dest)
+    return _first_bad_chunk(r, dest)
+
+
 async def _fetch_one(
     store: Store, r: Range, dest: memoryview, policy: RetryPolicy, budget: _Budget,
     stats: FetchStats,
 ) -> None:  # fmt: skip
-    attempt = 0
+    attempt = mismatches = 0
     while True:
         try:
             async with asyncio.timeout(policy.range_deadline):
                 await store.read_into(r.obj, r.start, dest)
-            return
         except (StoreUnavailable, TimeoutError) as exc:
             attempt += 1
             what = f"{store.describe(r.obj)} bytes {r.start}-{r.start + r.length - 1}"
@@ -90,6 +111,22 @@ async def _fetch_one(
             stats.causes[_cause(exc)] += 1
             log.info("retrying %s (attempt %d): %s", what, attempt + 1, exc)
             await asyncio.sleep(policy.delay(attempt))
+            continue
+        bad = await _verify(r, dest) if r.checks else None
+        if bad is None:
+            return
+        mismatches += 1
+        at, length = r.start + bad[0], bad[1]
+        if mismatches >= CHECKSUM_READS:
+            raise DataLoss(
+                f"{store.describe(r.obj)}: the chunk at byte {at} ({length} bytes) failed its "
+                f"crc32c check {mismatches} times: the stored artifact is corrupt; run "
+                "`tensorferry prepare` again to rewrite it"
+            )
+        stats.retries += 1
+        stats.causes["checksum"] += 1
+        log.warning("%s: chunk at byte %d failed its checksum; reading it again",
+                    store.describe(r.obj), at)  # fmt: skip
 
 
 async def _worker(

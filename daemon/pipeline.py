@@ -34,15 +34,34 @@ async def load_into_arena(
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],
 ) -> Loaded:
-    plan = make_plan(source, chunk_size, select)
+    return await load_plan(
+        store, make_plan(source, chunk_size, select), source.ref.uri, sink,
+        concurrency=concurrency, policy=policy, max_model_bytes=max_model_bytes,
+        on_plan=on_plan, progress=progress,
+    )  # fmt: skip
+
+
+async def load_plan(
+    store: Store,
+    plan: Plan,
+    uri: str,
+    sink: CpuShmSink,
+    *,
+    concurrency: int,
+    policy: RetryPolicy | None = None,
+    max_model_bytes: int = 0,
+    on_plan: Callable[[Plan], None],
+    progress: Callable[[int], None],
+) -> Loaded:
+    """Allocate the plan's arena and fetch its ranges; plans of every kind come here."""
     if max_model_bytes and plan.fetch_bytes > max_model_bytes:
         raise ResourceExhausted(
-            f"{source.ref.uri} needs {plan.fetch_bytes} bytes, above this daemon's limit of "
+            f"{uri} needs {plan.fetch_bytes} bytes, above this daemon's limit of "
             f"{max_model_bytes} bytes ([limits] max_model_bytes); load a selection of its "
             "tensors or raise the limit"
         )
     on_plan(plan)
-    arena = sink.allocate(plan.arena_size, source.ref.uri)
+    arena = sink.allocate(plan.arena_size, uri)
     try:
         stats = await fetch_ranges(
             store, plan.ranges, arena.view, concurrency=concurrency, policy=policy,

@@ -33,6 +33,8 @@ class Range:
     start: int  # in the object
     length: int
     arena_offset: int
+    #: (offset in the range, length, crc32c) of each chunk to verify once it lands.
+    checks: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

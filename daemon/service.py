@@ -19,7 +19,10 @@ import grpc
 from tensorferry import __version__
 from tensorferry.daemon.config import Settings
 from tensorferry.daemon.fetch import RetryPolicy
-from tensorferry.daemon.pipeline import Loaded, load_into_arena
+from tensorferry.daemon.manifest import MAX_WORLD_SIZE, RESERVED_PREFIX
+from tensorferry.daemon.pipeline import Loaded, load_plan
+from tensorferry.daemon.planner import make_plan
+from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared_load
 from tensorferry.daemon.registry import LoadRecord, Model, ModelKey, Registry, State
 from tensorferry.daemon.source import (
     SourceRef,
@@ -96,8 +99,24 @@ def check_select(patterns: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(patterns)))
 
 
+def check_rank(rank: int, world_size: int) -> tuple[int, int]:
+    """(rank, world_size), with a world of one rank folded into "no rank"."""
+    if world_size > MAX_WORLD_SIZE:
+        raise InvalidRequest(f"world_size {world_size} is above the limit of {MAX_WORLD_SIZE}")
+    if rank >= max(world_size, 1):
+        raise InvalidRequest(
+            f"rank {rank} is not below world_size {world_size}: pass world_size=N and a rank 0..N-1"
+        )
+    return (rank, world_size) if world_size > 1 else (0, 0)
+
+
 def extra_files(listing: list[ObjectInfo]) -> list[str]:
-    return sorted(o.key for o in listing if not o.key.endswith(".safetensors"))
+    # A prepared artifact's manifest and data objects are not files for workers.
+    return sorted(
+        o.key
+        for o in listing
+        if not o.key.endswith(".safetensors") and not o.key.startswith(RESERVED_PREFIX)
+    )
 
 
 class LoaderService(pb_grpc.LoaderServicer):
@@ -129,7 +148,16 @@ class LoaderService(pb_grpc.LoaderServicer):
         s3 = self.settings.s3
         plan_done = 0.0
         try:
-            source = await read_source(ref, store, listing)
+            key = model.key
+            if is_prepared(listing):
+                plan = await plan_prepared_load(
+                    store, ref.uri, listing, chunk_size=s3.chunk_size, select=key.select,
+                    rank=key.rank, world_size=key.world_size,
+                )  # fmt: skip
+            else:
+                check_unsharded(ref.uri, key.world_size)
+                source = await read_source(ref, store, listing)
+                plan = make_plan(source, s3.chunk_size, key.select)
 
             def on_plan(plan: Any) -> None:
                 nonlocal plan_done
@@ -139,9 +167,9 @@ class LoaderService(pb_grpc.LoaderServicer):
             def progress(n: int) -> None:
                 model.bytes_done += n
 
-            loaded = await load_into_arena(
-                store, source, self.registry.sink, chunk_size=s3.chunk_size,
-                concurrency=s3.concurrency, select=model.key.select, policy=self.policy,
+            loaded = await load_plan(
+                store, plan, ref.uri, self.registry.sink,
+                concurrency=s3.concurrency, policy=self.policy,
                 max_model_bytes=self.settings.limits.max_model_bytes,
                 on_plan=on_plan,
                 progress=progress,
@@ -176,11 +204,14 @@ class LoaderService(pb_grpc.LoaderServicer):
         ref = parse_uri(request.uri)
         device = check_device(request.device)
         select = check_select(request.select)
+        rank, world_size = check_rank(request.rank, request.world_size)
         check_allowed(ref, self.settings)
         yield pb.LoadEvent(progress=pb.Progress(stage="plan"))
         store = self._store(ref)
         listing = await list_source(ref, store)
-        key = ModelKey(ref.uri, listing_version(listing), device, select)
+        key = ModelKey(
+            ref.uri, listing_version(listing), device, select, rank=rank, world_size=world_size
+        )
         model, existed = self.registry.get_or_start(
             key, lambda m: self._cold_load(store, ref, listing, m, t0), client
         )

@@ -76,8 +76,9 @@ def _load(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         show = None if args.quiet else _progress_bar(args.uri)
         with client.load(
-            args.uri, args.device, timeout=args.timeout, progress=show, select=args.select
-        ) as model:
+            args.uri, args.device, timeout=args.timeout, progress=show, select=args.select,
+            rank=args.rank, world_size=args.world_size,
+        ) as model:  # fmt: skip
             seconds = time.monotonic() - t0
             if show is not None and sys.stderr.isatty():
                 print(file=sys.stderr)
@@ -97,11 +98,13 @@ def _preload(args: argparse.Namespace) -> int:
             with _client(args) as client:
                 show = None if args.quiet else _progress_bar(args.uri)
                 if not args.wait:
-                    client.preload(args.uri, args.device, timeout=args.timeout, select=args.select)
+                    client.preload(args.uri, args.device, timeout=args.timeout, select=args.select,
+                                   rank=args.rank, world_size=args.world_size)  # fmt: skip
                     return 0
                 ready = client.preload(
-                    args.uri, args.device, timeout=args.timeout, progress=show, select=args.select
-                )
+                    args.uri, args.device, timeout=args.timeout, progress=show, select=args.select,
+                    rank=args.rank, world_size=args.world_size,
+                )  # fmt: skip
                 print(f"resident: {ready.model_id} ({ready.total_bytes / 1e9:.3f} GB)")
                 return 0
         except (DaemonNotRunning, DaemonUnavailable) as exc:
@@ -150,6 +153,13 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    # The writer side (aiobotocore, numpy routing) loads only for this command.
+    from tensorferry.daemon.prepare import main as prepare_main
+
+    return prepare_main(args, None if args.quiet else _progress_bar(args.src))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorferry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true")
         p.add_argument("--select", action="append", default=[], metavar="PATTERN",
                        help="only these tensors (names or glob patterns; repeatable)")  # fmt: skip
+        p.add_argument("--rank", type=int, default=0, help="this rank's shards of a prepared "
+                       "artifact (with --world-size)")  # fmt: skip
+        p.add_argument("--world-size", type=int, default=0, metavar="N")
         p.set_defaults(func=func)
     p.add_argument("--wait", action="store_true", help="exit 0 only once the model is resident")
     p.add_argument(
@@ -196,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep retrying this long while the daemon is not up (default 60)",
     )
+    p = sub.add_parser(
+        "prepare", help="write a prepared artifact (docs/format.md) from safetensors"
+    )
+    p.add_argument("src", help="safetensors (+ index): a local directory or s3:// prefix")
+    p.add_argument("dst", help="where the artifact goes: a local directory or s3:// prefix")
+    p.add_argument("--chunk-size", default="8MiB", help="checksummed chunk size (default 8MiB)")
+    p.add_argument("--align", default="4KiB", help="every tensor's alignment (default 4KiB)")
+    p.add_argument("--shard-plan", metavar="FILE", help="TOML rules: which tensors to split")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="ranks to cut shards for")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_prepare)
     add("ls", "list resident models").set_defaults(func=_ls)
     p = add("evict", "evict a model (by id or URI)")
     p.add_argument("model")

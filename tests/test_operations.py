@@ -130,9 +130,12 @@ def test_json_logs_carry_each_load(s3: S3Server, tmp_path: Path, prefix: str) ->
     write_model(tmp_path / "m", 1 << 20, layer_bytes=1 << 19)
     uri = upload(s3, tmp_path / "m", prefix)
     prelude = 'log_format = "json"\n'
-    with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], prelude=prelude) as d:
-        with d.client() as client, client.load(uri) as model:
-            size = model.total_bytes
+    with (
+        running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], prelude=prelude) as d,
+        d.client() as client,
+        client.load(uri) as model,
+    ):
+        size = model.total_bytes
     docs = [json.loads(line) for line in d.output().splitlines() if line.startswith("{")]
     assert docs
     assert {"time", "level", "logger", "message"} <= set(docs[0])

@@ -1,0 +1,201 @@
+"""Where every tensor (or rank slice) goes in the output objects, and the read schedule that
+gets it there.
+
+Each source file is read once, front to back, in pieces of at most ``BLOCK`` bytes; each
+piece says where its bytes go. Slices are written in source order, so every output object
+is written front to back too, and memory stays bounded by the pieces in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from tensorferry.daemon.manifest import SHARED, DataObject, Split, balanced, slice_shape
+from tensorferry.daemon.planner import align_up
+from tensorferry.daemon.prepare.shardplan import ShardPlan
+from tensorferry.daemon.safetensors import DTYPE_SIZES
+from tensorferry.daemon.source import Source
+from tensorferry.errors import InvalidArtifact
+
+BLOCK = 8 << 20
+SHARED_NAME = "tensorferry.data.shared"
+
+
+def rank_object_name(rank: int, world_size: int) -> str:
+    return f"tensorferry.data.rank-{rank:05d}-of-{world_size:05d}"
+
+
+@dataclasses.dataclass(slots=True)
+class OutSlice:
+    object: int
+    offset: int
+    shape: tuple[int, ...]
+    nbytes: int
+    crc: list[int] = dataclasses.field(default_factory=list)  # filled in as bytes pass
+
+
+@dataclasses.dataclass(slots=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    split: Split | None
+    slices: list[OutSlice]
+
+
+class Sink(Protocol):
+    """What an output object offers a route (an ``ObjectBuilder``)."""
+
+    def write(self, data: memoryview) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToObject:
+    """All of the piece's bytes, in order, to one object."""
+
+    object: int
+
+    def apply(self, data: memoryview, sinks: Sequence[Sink]) -> None:
+        sinks[self.object].write(data)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SplitRows:
+    """The piece holds whole rows (everything from the split dim inwards); rank r's part
+    of each row is ``spans[r]``, byte ranges in the row, written as one block per rank."""
+
+    rows: int
+    row_bytes: int
+    spans: tuple[tuple[tuple[int, int], ...], ...]
+    objects: tuple[int, ...]
+
+    def apply(self, data: memoryview, sinks: Sequence[Sink]) -> None:
+        table = np.frombuffer(data, np.uint8).reshape(self.rows, self.row_bytes)
+        for spans, obj in zip(self.spans, self.objects, strict=True):
+            blocks = [table[:, a:b] for a, b in spans if b > a]
+            if blocks:
+                out = np.ascontiguousarray(np.concatenate(blocks, axis=1))
+                sinks[obj].write(memoryview(out.data).cast("B"))
+
+
+Route = ToObject | SplitRows | None  # None: hashed only (headers, gaps)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Piece:
+    file: int  # index into Source.files
+    start: int  # in the file
+    length: int
+    route: Route
+
+
+@dataclasses.dataclass(slots=True)
+class Layout:
+    objects: list[DataObject]
+    tensors: list[OutTensor]
+    pieces: list[Piece]
+    slices: list[list[OutSlice]]  # per object, in offset order
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(p.length for p in self.pieces)
+
+
+def _cut(file: int, start: int, length: int, route: Route) -> list[Piece]:
+    return [
+        Piece(file, start + pos, min(BLOCK, length - pos), route) for pos in range(0, length, BLOCK)
+    ]
+
+
+def _rank_spans(split: Split, world: int, inner: int) -> list[list[tuple[int, int]]]:
+    """Byte ranges of each rank's share of one row, part by part."""
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    start = 0
+    for part in split.parts:
+        for r in range(world):
+            n = balanced(part, world, r)
+            spans[r].append((start * inner, (start + n) * inner))
+            start += n
+    return spans
+
+
+def _split_pieces(
+    file: int, begin: int, shape: tuple[int, ...], itemsize: int, split: Split,
+    world: int, objects: list[int],
+) -> list[Piece]:  # fmt: skip
+    inner = math.prod(shape[split.dim + 1 :]) * itemsize
+    outer = math.prod(shape[: split.dim])
+    row = shape[split.dim] * inner
+    spans = _rank_spans(split, world, inner)
+    if outer > 1 and row <= BLOCK:
+        per = max(1, BLOCK // row)
+        frozen = tuple(tuple(s) for s in spans)
+        return [
+            Piece(file, begin + o * row, min(per, outer - o) * row,
+                  SplitRows(min(per, outer - o), row, frozen, tuple(objects)))
+            for o in range(0, outer, per)
+        ]  # fmt: skip
+    # One row per rank and part is contiguous: cut it into plain pieces for its rank.
+    segments: list[tuple[int, int, int]] = []
+    for o in range(outer):
+        for p in range(len(split.parts)):
+            for r in range(world):
+                a, b = spans[r][p]
+                segments.append((o * row + a, o * row + b, r))
+    segments.sort()
+    pieces: list[Piece] = []
+    for a, b, r in segments:
+        pieces.extend(_cut(file, begin + a, b - a, ToObject(objects[r])))
+    return pieces
+
+
+def make_layout(source: Source, plan: ShardPlan | None, world: int, align: int) -> Layout:
+    objects = [DataObject(SHARED_NAME, 0, SHARED)]
+    if plan is not None:
+        objects += [DataObject(rank_object_name(r, world), 0, r) for r in range(world)]
+    cursors = [0] * len(objects)
+    per_object: list[list[OutSlice]] = [[] for _ in objects]
+    tensors: list[OutTensor] = []
+    pieces: list[Piece] = []
+    seen: dict[str, str] = {}
+
+    def place(obj: int, shape: tuple[int, ...], nbytes: int) -> OutSlice:
+        s = OutSlice(obj, align_up(cursors[obj], align), shape, nbytes)
+        cursors[obj] = s.offset + nbytes
+        per_object[obj].append(s)
+        return s
+
+    for file, (obj, header) in enumerate(source.files):
+        pos = 0
+        for t in header.tensors:  # sorted by offset
+            if t.name in seen:
+                raise InvalidArtifact(
+                    f"{source.ref.uri}: tensor {t.name!r} appears in both {seen[t.name]} "
+                    f"and {obj.key}"
+                )
+            seen[t.name] = obj.key
+            begin = header.data_start + t.begin
+            if t.nbytes:  # non-empty tensors never overlap: begin >= pos
+                pieces.extend(_cut(file, pos, begin - pos, None))
+                pos = begin + t.nbytes
+            split = plan.split_for(t.name, t.shape, world) if plan is not None else None
+            size = DTYPE_SIZES[t.dtype]
+            if split is None:
+                slices = [place(0, t.shape, t.nbytes)]
+                pieces.extend(_cut(file, begin, t.nbytes, ToObject(0)))
+            else:
+                shapes = [slice_shape(t.shape, split, world, r) for r in range(world)]
+                slices = [place(r + 1, s, math.prod(s) * size) for r, s in enumerate(shapes)]
+                if t.nbytes:
+                    pieces.extend(_split_pieces(
+                        file, begin, t.shape, size, split, world, list(range(1, world + 1))
+                    ))  # fmt: skip
+            tensors.append(OutTensor(t.name, t.dtype, t.shape, split, slices))
+        pieces.extend(_cut(file, pos, obj.size - pos, None))
+    sized = [dataclasses.replace(o, size=c) for o, c in zip(objects, cursors, strict=True)]
+    return Layout(sized, tensors, pieces, per_object)
