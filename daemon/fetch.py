@@ -125,6 +125,7 @@ async def _fetch_one(
             )
         stats.retries += 1
         stats.causes["checksum"] += 1
+        store.forget(r.obj, r.start, r.length)  # a disk tier must not serve them again
         log.warning("%s: chunk at byte %d failed its checksum; reading it again",
                     store.describe(r.obj), at)  # fmt: skip
 

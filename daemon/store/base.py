@@ -35,5 +35,8 @@ class Store(abc.ABC):
     async def read_into(self, obj: ObjectInfo, start: int, dest: memoryview) -> None:
         """Fill ``dest`` with bytes [start, start + len(dest)) of the object."""
 
+    def forget(self, obj: ObjectInfo, start: int, length: int) -> None:  # noqa: B027
+        """Drop any local copy of these bytes: they failed a check. Only caches keep any."""
+
     def describe(self, obj: ObjectInfo) -> str:
         return f"{self.uri.rstrip('/')}/{obj.key}"
