@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from tensorferry.client import Client
+from tensorferry.devtools.daemon import run_daemon
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.seaweed import run_seaweed
 
@@ -62,29 +62,16 @@ def main() -> int:
                 client.upload_file(str(f), "demo", f"generated/{f.name}")
             step(f"uploaded to s3://demo/generated/ in {time.monotonic() - t0:.1f} s")
             uri = "s3://demo/generated/"
-            socket = work / "tf.sock"
-            config = work / "tensorferry.toml"
-            config.write_text(
-                '[sources]\nallow = ["s3://demo/"]\n[s3]\naddressing_style = "path"\n'
-            )
-            env = {**os.environ, **s3.env(), "TENSORFERRY_SOCKET": str(socket)}
             step("starting the tensorferry daemon")
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "tensorferry", "serve", "--config", str(config)],
-                env=env, start_new_session=True,
-            )  # fmt: skip
-            try:
-                deadline = time.monotonic() + 30
-                while not socket.exists():
-                    if daemon.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("the daemon did not start")
-                    time.sleep(0.05)
-                proc = psutil.Process(daemon.pid)
+            with run_daemon(work, s3, ["s3://demo/"]) as daemon:
+                with Client(daemon.socket) as tf:
+                    instance = tf.status().instance_id
+                proc = psutil.Process(daemon.proc.pid)
                 cpu0 = tree_cpu(proc)
                 step(f"worker process loads {uri} and checks every tensor")
                 out = subprocess.run(
                     [sys.executable, str(HERE / "worker.py"), uri, str(model_dir)],
-                    env=env, capture_output=True, text=True, timeout=600,
+                    env=daemon.env, capture_output=True, text=True, timeout=600,
                 )  # fmt: skip
                 cpu = tree_cpu(proc) - cpu0
                 if out.returncode != 0 and not out.stdout:
@@ -101,18 +88,15 @@ def main() -> int:
                     raise SystemExit(f"MISMATCH: {result['mismatches'][:5]}")
                 print("    every tensor equals safetensors.torch.load_file of the source")
                 subprocess.run(
-                    [sys.executable, "-m", "tensorferry", "status"], env=env, check=False
+                    [sys.executable, "-m", "tensorferry", "status"], env=daemon.env, check=False
                 )
-            finally:
                 step("stopping the daemon")
-                daemon.send_signal(signal.SIGTERM)
-                daemon.wait(30)
             step("stopping SeaweedFS")
-    leftover = [p.name for p in Path("/dev/shm").glob("tensorferry.*")]
+    leftover = [p.name for p in Path("/dev/shm").glob(f"tensorferry.{instance}.*")]
     strays = [p.pid for p in psutil.process_iter(["cmdline"])
               if p.info["cmdline"] and "weed" in p.info["cmdline"][0] and str(work) in
               " ".join(p.info["cmdline"])]  # fmt: skip
-    if leftover or strays or socket.exists():
+    if leftover or strays or daemon.socket.exists():
         raise SystemExit(f"left behind: segments {leftover}, processes {strays}")
     step("done: no process, socket or /dev/shm segment left")
     return 0

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import torch
 
 from tensorferry.client import Client
+from tensorferry.devtools.daemon import run_daemon
 from tensorferry.devtools.seaweed import run_seaweed
 from tensorferry.integrations.transformers import from_pretrained, load_tokenizer
 
@@ -79,55 +78,39 @@ def main() -> int:
                 client.upload_file(str(f), "demo", f"all-MiniLM-L6-v2/{f.name}")
             uri = "s3://demo/all-MiniLM-L6-v2/"
             step(f"uploaded {', '.join(sorted(p.name for p in model_dir.iterdir()))} to {uri}")
-            socket = work / "tf.sock"
-            config = work / "tensorferry.toml"
-            config.write_text(
-                '[sources]\nallow = ["s3://demo/"]\n[s3]\naddressing_style = "path"\n'
-            )
-            env = {**os.environ, **s3.env(), "TENSORFERRY_SOCKET": str(socket)}
             step("starting the tensorferry daemon")
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "tensorferry", "serve", "--config", str(config)],
-                env=env, start_new_session=True,
-            )  # fmt: skip
-            try:
-                deadline = time.monotonic() + 30
-                while not socket.exists():
-                    if daemon.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("the daemon did not start")
-                    time.sleep(0.05)
-                with Client(socket) as tf:
-                    instance = tf.status().instance_id
-                    t0 = time.monotonic()
-                    model = from_pretrained(uri, client=tf)
-                    seconds = time.monotonic() - t0
-                    loaded = model._tensorferry  # type: ignore[union-attr]
-                    tokenizer = load_tokenizer(uri, tf, files=loaded.files)
-                    storage = next(model.parameters()).untyped_storage()
-                    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-                    inside = sum(start <= p.data_ptr() < end for p in model.parameters())
-                    total = sum(1 for _ in model.parameters())
-                    mb = loaded.total_bytes / 1e6
-                    step(
-                        f"{type(model).__name__} built on the daemon's arena in {seconds:.2f} s: "
-                        f"{inside}/{total} parameters are views of it ({mb:.1f} MB, "
-                        f"lease {loaded.lease_id})"
-                    )
-                    vectors = embed(model, tokenizer, sentences)
-                    step(f"embeddings ({vectors.shape[1]} dimensions; first 6 shown)")
-                    for sentence, vector in zip(sentences, vectors, strict=True):
-                        head = " ".join(f"{v:+.3f}" for v in vector[:6].tolist())
-                        print(f"    [{head} ...]  {sentence}")
-                    step("cosine similarities")
-                    sims = vectors @ vectors.T
-                    for i, sentence in enumerate(sentences):
-                        row = " ".join(f"{v:5.2f}" for v in sims[i].tolist())
-                        print(f"    {row}  {sentence}")
-                    del model, loaded, storage  # the lease ends with the last view
-            finally:
-                step("stopping the daemon")
-                daemon.send_signal(signal.SIGTERM)
-                daemon.wait(30)
+            with (
+                run_daemon(work, s3, ["s3://demo/"]) as daemon,
+                Client(daemon.socket) as tf,
+            ):
+                instance = tf.status().instance_id
+                t0 = time.monotonic()
+                model = from_pretrained(uri, client=tf)
+                seconds = time.monotonic() - t0
+                loaded = model._tensorferry  # type: ignore[union-attr]
+                tokenizer = load_tokenizer(uri, tf, files=loaded.files)
+                storage = next(model.parameters()).untyped_storage()
+                start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+                inside = sum(start <= p.data_ptr() < end for p in model.parameters())
+                total = sum(1 for _ in model.parameters())
+                mb = loaded.total_bytes / 1e6
+                step(
+                    f"{type(model).__name__} built on the daemon's arena in {seconds:.2f} s: "
+                    f"{inside}/{total} parameters are views of it ({mb:.1f} MB, "
+                    f"lease {loaded.lease_id})"
+                )
+                vectors = embed(model, tokenizer, sentences)
+                step(f"embeddings ({vectors.shape[1]} dimensions; first 6 shown)")
+                for sentence, vector in zip(sentences, vectors, strict=True):
+                    head = " ".join(f"{v:+.3f}" for v in vector[:6].tolist())
+                    print(f"    [{head} ...]  {sentence}")
+                step("cosine similarities")
+                sims = vectors @ vectors.T
+                for i, sentence in enumerate(sentences):
+                    row = " ".join(f"{v:5.2f}" for v in sims[i].tolist())
+                    print(f"    {row}  {sentence}")
+                del model, loaded, storage  # the lease ends with the last view
+            step("stopped the daemon")
             step("stopping SeaweedFS")
     leftover = [p.name for p in Path("/dev/shm").glob(f"tensorferry.{instance}.*")]
     if leftover:
