@@ -160,6 +160,26 @@ def _prepare(args: argparse.Namespace) -> int:
     return prepare_main(args, None if args.quiet else _progress_bar(args.src))
 
 
+def _settings(args: argparse.Namespace) -> Any:
+    from tensorferry.daemon.config import load_settings
+
+    return load_settings(args.config, socket=args.socket)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from tensorferry.daemon import doctor
+
+    return doctor.run(_settings(args))
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    settings = _settings(args)
+    print(json.dumps(dataclasses.asdict(settings), indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorferry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evict", "evict a model (by id or URI)")
     p.add_argument("model")
     p.set_defaults(func=_evict)
+    p = add("doctor", "check this host for the daemon and say what to fix")
+    p.add_argument("--config", help="TOML config file (default: $TENSORFERRY_CONFIG)")
+    p.set_defaults(func=_doctor)
+    p = add("config", "configuration tools")
+    p.add_argument("action", choices=["show"], help="show: print the effective configuration")
+    p.add_argument("--config", help="TOML config file (default: $TENSORFERRY_CONFIG)")
+    p.set_defaults(func=_config_show)
     p = add("status", "daemon status and recent loads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_status)
@@ -237,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TensorferryError as exc:
         print(f"tensorferry {args.command}: {exc.message}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # ConfigError: a bad config file or value
+        print(f"tensorferry {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -145,3 +145,34 @@ def test_json_logs_carry_each_load(s3: S3Server, tmp_path: Path, prefix: str) ->
     assert load["bytes"] == size
     assert load["total_seconds"] > 0
     assert load["gbps"] > 0
+
+
+def test_doctor_and_config_show(s3: S3Server, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    allow = [f"s3://{BUCKET}/", "s3://no-such-bucket/", str(tmp_path)]
+    with running_daemon(daemon_env(s3), allow=allow) as d:
+        config = d.log.parent / "tensorferry.toml"
+        run = [sys.executable, "-m", "tensorferry"]
+        doctor = subprocess.run(
+            [*run, "doctor", "--config", str(config), "--socket", str(d.socket)],
+            env=daemon_env(s3), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = doctor.stdout.splitlines()
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert f"ok    socket {d.socket}: accepting connections (mode 660)" in lines
+        assert f"ok    allowlist s3://{BUCKET}/: listable with the daemon's credentials" in lines
+        assert "FAIL  allowlist s3://no-such-bucket/: s3://no-such-bucket/: bucket " in (
+            doctor.stdout
+        )
+        assert f"ok    allowlist {tmp_path}: local directory" in lines
+        shown = subprocess.run(
+            [*run, "config", "show", "--config", str(config), "--socket", str(d.socket)],
+            env=daemon_env(s3), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        settings = json.loads(shown.stdout)
+        assert settings["allow"] == allow
+        assert settings["s3"]["addressing_style"] == "path"
+        assert settings["socket"] == str(d.socket)

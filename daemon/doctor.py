@@ -1,0 +1,122 @@
+"""`tensorferry doctor`: check a host the way the daemon will use it, and say what to fix.
+
+Each check prints one line, ok / warn / FAIL, with the fix for anything not ok. The exit
+status is 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import shutil
+import socket
+import stat
+import subprocess
+from collections.abc import Callable
+
+from tensorferry.daemon.config import Settings
+from tensorferry.daemon.sinks.cpu_shm import mem_available
+
+Report = Callable[[str, str, str], None]  # level, what, fix
+
+
+def check_memlock(report: Report) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        report("ok", "memlock limit: unlimited", "")
+    else:
+        report("warn", f"memlock limit: {soft} bytes", "GPU hosts pin the ring buffers: set "
+               "LimitMEMLOCK=infinity (systemd) or `ulimit -l unlimited`")  # fmt: skip
+
+
+def check_shm(settings: Settings, report: Report) -> None:
+    try:
+        st = os.statvfs(settings.shm_dir)
+    except OSError as exc:
+        report("FAIL", f"{settings.shm_dir}: {exc}", "mount a tmpfs there (containers: "
+               "--shm-size or an emptyDir with medium Memory, or hostIPC)")  # fmt: skip
+        return
+    size, avail = st.f_blocks * st.f_frsize, mem_available()
+    what = f"{settings.shm_dir}: {size / 2**30:.1f} GiB tmpfs, MemAvailable {avail / 2**30:.1f} GiB"
+    if settings.shm_budget and settings.shm_budget > size:
+        report("warn", what, f"[memory] shm_budget ({settings.shm_budget}) exceeds the tmpfs size")
+    elif size < 1 << 30:
+        report("warn", what, "a tmpfs under 1 GiB holds only small models; enlarge it")
+    else:
+        report("ok", what, "")
+
+
+def check_gpus(report: Report) -> None:
+    if shutil.which("nvidia-smi") is None:
+        report("ok", "GPUs: none visible (CPU arenas only)", "")
+        return
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        report("FAIL", f"GPUs: nvidia-smi failed: {exc}", "check the NVIDIA driver")
+        return
+    gpus = [line for line in out.stdout.splitlines() if "UUID: GPU-" in line]
+    if out.returncode or not gpus:
+        report("FAIL", "GPUs: nvidia-smi lists none", "check the driver and /dev/nvidia*")
+    for line in gpus:
+        report("ok", f"GPU {line.strip()}", "")
+
+
+def check_socket(settings: Settings, report: Report) -> None:
+    path = settings.socket
+    if not path.exists():
+        report("warn", f"socket {path}: absent (daemon not running)", "start `tensorferry serve`")
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o007:
+        report("warn", f"socket {path}: mode {mode:o}", "any local user can load models: "
+               "use socket_mode = \"660\" and socket_group")  # fmt: skip
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError as exc:
+            report("FAIL", f"socket {path}: cannot connect ({exc.strerror})",
+                   "a dead daemon left it: start the daemon; or fix the permissions")  # fmt: skip
+            return
+    report("ok", f"socket {path}: accepting connections (mode {mode:o})", "")
+
+
+async def _check_sources(settings: Settings, report: Report) -> None:
+    from tensorferry.daemon.source import parse_uri
+    from tensorferry.daemon.store.s3 import S3Backend, S3Store
+
+    if not settings.allow:
+        report("FAIL" if not settings.allow_any_source else "warn", "allowlist: empty",
+               'add [sources] allow = ["s3://bucket/prefix/", "/models"]')  # fmt: skip
+    async with S3Backend(settings.s3) as backend:
+        for entry in settings.allow:
+            ref = parse_uri(entry)
+            if ref.scheme == "local":
+                ok = ref.path is not None and os.access(ref.path, os.R_OK | os.X_OK)
+                fix = "" if ok else "create it or make it readable by the daemon's user"
+                report("ok" if ok else "FAIL", f"allowlist {entry}: local directory", fix)
+                continue
+            try:
+                await S3Store(backend, ref.bucket, ref.prefix, None).list_objects()
+            except Exception as exc:
+                report("FAIL", f"allowlist {entry}: {getattr(exc, 'message', exc)}",
+                       "check credentials, region/endpoint and the bucket policy")  # fmt: skip
+            else:
+                report("ok", f"allowlist {entry}: listable with the daemon's credentials", "")
+
+
+def run(settings: Settings, print_line: Callable[[str], None] = print) -> int:
+    failures = 0
+
+    def report(level: str, what: str, fix: str) -> None:
+        nonlocal failures
+        failures += level == "FAIL"
+        print_line(f"{level:4}  {what}" + (f"\n      fix: {fix}" if fix else ""))
+
+    check_memlock(report)
+    check_shm(settings, report)
+    check_gpus(report)
+    check_socket(settings, report)
+    asyncio.run(_check_sources(settings, report))
+    return 1 if failures else 0
