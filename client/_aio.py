@@ -7,6 +7,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -16,10 +17,16 @@ from tensorferry.errors import DaemonUnavailable, daemon_not_running, from_rpc_e
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from tensorferry.cuda import CudaApi
+
 
 class AsyncClient:
-    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, *, cuda: CudaApi | None = None
+    ) -> None:
         self.socket = str(_env.socket_path(socket))
+        self._cuda = cuda  # as in Client
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LoaderStub(self._channel)
         self._leases: set[grpc.aio.UnaryStreamCall[pb.LoadRequest, pb.LoadEvent]] = set()
@@ -32,9 +39,14 @@ class AsyncClient:
         if not os.path.exists(self.socket):
             raise daemon_not_running(self.socket, "no socket file")
         name = client_name or f"pid {os.getpid()}"
+        target = None
+        if device not in ("", "cpu"):
+            from tensorferry.client._cuda import resolve_target
+
+            target = resolve_target(device, self._cuda)
         request = pb.LoadRequest(
             uri=uri, device=device, client_name=name, select=select, rank=rank,
-            world_size=world_size,
+            world_size=world_size, gpu_uuids=target.uuids if target else (),
         )  # fmt: skip
         call = self._stub.Load(request)
         table: list[pb.TensorInfo] = []
@@ -56,7 +68,7 @@ class AsyncClient:
         except BaseException:
             call.cancel()
             raise
-        from tensorferry.client._views import build_views, map_cpu_arena
+        from tensorferry.client._views import build_views, map_grant
 
         ready = event.ready
         loop = asyncio.get_running_loop()
@@ -71,7 +83,11 @@ class AsyncClient:
             with contextlib.suppress(RuntimeError):  # loop already closed: lease ended
                 loop.call_soon_threadsafe(cancel)
 
-        flat = map_cpu_arena(ready.cpu_shm, end_lease)
+        try:
+            flat = map_grant(ready, target, end_lease)
+        except BaseException:
+            end_lease()
+            raise
         return LoadedModel(ready, build_views(flat, table))
 
     async def status(self) -> pb.StatusResponse:

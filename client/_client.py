@@ -24,6 +24,9 @@ from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     import torch
 
+    from tensorferry.client._cuda import CudaTarget
+    from tensorferry.cuda import CudaApi
+
 ProgressFn = Callable[[str, int, int], None]
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
@@ -129,7 +132,8 @@ class Client:
     ``socket`` defaults to $TENSORFERRY_SOCKET, else /run/tensorferry/tensorferry.sock.
     ``tcp="host:port"`` with ``tls=TlsConfig(...)`` talks gRPC over TLS instead (the daemon's
     ``[tcp]`` listener); arenas are still host-local, so the worker must share the
-    daemon's /dev/shm.
+    daemon's /dev/shm. ``cuda``: the CUDA API that imports GPU arenas (default: cupy's,
+    or the fake that $TENSORFERRY_FAKE_CUDA names in tests).
     """
 
     def __init__(
@@ -138,8 +142,10 @@ class Client:
         *,
         tcp: str | None = None,
         tls: TlsConfig | None = None,
+        cuda: CudaApi | None = None,
     ) -> None:
         self.tcp = tcp
+        self._cuda = cuda
         self.socket = tcp if tcp is not None else str(_env.socket_path(socket))
         self._channel: _Channel | None = _Channel(self.socket, tcp, tls)
         self._stub = pb_grpc.LoaderStub(self._channel.channel)
@@ -177,9 +183,10 @@ class Client:
             raise FailedPrecondition("this Client is closed")
         self._check_socket()
         name = client_name or f"pid {os.getpid()}"
+        target = self._target(device)
         request = pb.LoadRequest(
             uri=uri, device=device, client_name=name, select=select, rank=rank,
-            world_size=world_size,
+            world_size=world_size, gpu_uuids=target.uuids if target else (),
         )  # fmt: skip
         call = self._stub.Load(request)
         timer = threading.Timer(timeout, call.cancel) if timeout else None
@@ -207,7 +214,7 @@ class Client:
             if timer is not None:
                 timer.cancel()
         # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
-        from tensorferry.client._views import build_views, map_cpu_arena
+        from tensorferry.client._views import build_views, map_grant
 
         channel = self._channel
         channel.acquire()
@@ -217,7 +224,7 @@ class Client:
             channel.release()
 
         try:
-            flat = map_cpu_arena(ready.cpu_shm, end_lease)
+            flat = map_grant(ready, target, end_lease)
         except BaseException:
             end_lease()
             raise
@@ -230,14 +237,24 @@ class Client:
     ) -> pb.Ready:  # fmt: skip
         """Make a model resident without holding it; returns the daemon's ready event."""
         self._check_socket()
+        target = self._target(device, importing=False)
         try:
             request = pb.PreloadRequest(
-                uri=uri, device=device, select=select, rank=rank, world_size=world_size
-            )
+                uri=uri, device=device, select=select, rank=rank, world_size=world_size,
+                gpu_uuids=target.uuids if target else (),
+            )  # fmt: skip
             call = self._stub.Preload(request, timeout=timeout)
             return collect(call, progress)[0]
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.socket) from None
+
+    def _target(self, device: str, *, importing: bool = True) -> CudaTarget | None:
+        """This process's GPUs for a ``cuda`` device (their UUIDs go to the daemon)."""
+        if device in ("", "cpu"):
+            return None
+        from tensorferry.client._cuda import resolve_target
+
+        return resolve_target(device, self._cuda, importing=importing)
 
     def read_file(self, uri: str, name: str, *, timeout: float | None = 60) -> bytes:
         """A non-weight file of the source (``LoadedModel.files`` lists them)."""

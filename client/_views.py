@@ -7,12 +7,16 @@ import os
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tensorferry.errors import FailedPrecondition, InvalidArtifact
 from tensorferry.v1 import tensorferry_pb2 as pb
+
+if TYPE_CHECKING:
+    from tensorferry.client._cuda import CudaTarget
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -24,6 +28,17 @@ DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 
 SHM_DIR = Path("/dev/shm")
+
+
+def map_grant(
+    ready: pb.Ready, target: CudaTarget | None, on_last_view: Callable[[], None]
+) -> torch.Tensor:
+    """The flat uint8 tensor over the arena a Ready event grants (CPU or GPU)."""
+    if ready.WhichOneof("grant") == "cuda_ipc":
+        from tensorferry.client._cuda import import_arena
+
+        return import_arena(ready.cuda_ipc, target, on_last_view)
+    return map_cpu_arena(ready.cpu_shm, on_last_view)
 
 
 def map_cpu_arena(grant: pb.CpuShmGrant, on_last_view: Callable[[], None]) -> torch.Tensor:

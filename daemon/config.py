@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorferry import _env
+from tensorferry.daemon.cuda_settings import CudaSettings, cuda_settings
 from tensorferry.errors import InvalidRequest
 
 MiB = 1 << 20
@@ -142,6 +143,8 @@ class Settings:
     #: On SIGTERM, seconds to wait for workers to end their leases before exiting.
     shutdown_grace: float = 20.0
     limits: Limits = dataclasses.field(default_factory=lambda: Limits())
+    #: GPU side (daemon/cuda_settings.py): which CUDA, pinned ring, copy streams.
+    cuda: CudaSettings = dataclasses.field(default_factory=lambda: CudaSettings())
 
     def __post_init__(self) -> None:
         if not 1 <= self.s3.concurrency <= 1024:
@@ -279,4 +282,14 @@ def load_settings(
         preload=tuple(str(u) for u in data.get("preload", ())),
         metrics_listen=_loopback(_section(data, "metrics").get("listen"), "metrics.listen"),
         shutdown_grace=float(data.get("shutdown_grace", 20.0)),
+        cuda=_cuda(_section(data, "cuda")),
     )
+
+
+def _cuda(section: dict[str, Any]) -> CudaSettings:
+    try:
+        return cuda_settings(section, parse_size)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None

@@ -44,7 +44,7 @@ class _Live(Collector):
             if m.loaded is not None:
                 by_device[m.key.device] = by_device.get(m.key.device, 0) + m.loaded.arena.size
         for device, size in sorted(by_device.items()):
-            resident.add_metric([device, "shm"], size)
+            resident.add_metric([device, "shm" if device == "cpu" else "gpu"], size)
         resident.add_metric(["cpu", "recycled"], self.registry.sink.recycled_bytes)
         yield resident
         leases = GaugeMetricFamily("tensorferry_leases", "Open worker leases")

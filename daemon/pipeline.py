@@ -9,6 +9,7 @@ from collections.abc import Callable
 from tensorferry.daemon.fetch import FetchStats, RetryPolicy, fetch_ranges
 from tensorferry.daemon.planner import Plan, make_plan
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
+from tensorferry.daemon.sinks.cuda import CudaArena
 from tensorferry.daemon.source import Source
 from tensorferry.daemon.store.base import Store
 from tensorferry.errors import ResourceExhausted
@@ -17,8 +18,10 @@ from tensorferry.errors import ResourceExhausted
 @dataclasses.dataclass(frozen=True, slots=True)
 class Loaded:
     plan: Plan
-    arena: ShmArena
+    arena: ShmArena | CudaArena
     stats: FetchStats
+    #: A load onto several GPUs: the same model on the others (see daemon/placement.py).
+    replicas: tuple[Loaded, ...] = ()
 
 
 async def load_into_arena(
@@ -41,6 +44,15 @@ async def load_into_arena(
     )  # fmt: skip
 
 
+def check_model_size(plan: Plan, uri: str, max_model_bytes: int) -> None:
+    if max_model_bytes and plan.fetch_bytes > max_model_bytes:
+        raise ResourceExhausted(
+            f"{uri} needs {plan.fetch_bytes} bytes, above this daemon's limit of "
+            f"{max_model_bytes} bytes ([limits] max_model_bytes); load a selection of its "
+            "tensors or raise the limit"
+        )
+
+
 async def load_plan(
     store: Store,
     plan: Plan,
@@ -54,12 +66,7 @@ async def load_plan(
     progress: Callable[[int], None],
 ) -> Loaded:
     """Allocate the plan's arena and fetch its ranges; plans of every kind come here."""
-    if max_model_bytes and plan.fetch_bytes > max_model_bytes:
-        raise ResourceExhausted(
-            f"{uri} needs {plan.fetch_bytes} bytes, above this daemon's limit of "
-            f"{max_model_bytes} bytes ([limits] max_model_bytes); load a selection of its "
-            "tensors or raise the limit"
-        )
+    check_model_size(plan, uri, max_model_bytes)
     on_plan(plan)
     arena = sink.allocate(plan.arena_size, uri)
     try:

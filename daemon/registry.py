@@ -3,6 +3,9 @@
 A model is keyed by (source URI, source version, device). States: loading -> ready ->
 evicting. Concurrent loads of one key share one fetch; a lease is held by an open Load
 stream; an arena is freed only when its model is evicted and no lease holds it.
+
+A preload onto several GPUs starts one load for all of them: the first model runs it and
+the others (its ``fan_out``) become ready, or fail, with it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from tensorferry.daemon.logs import log_load
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.sinks.cuda import CudaArena
 from tensorferry.errors import ModelNotFound, ResourceExhausted
+
+if TYPE_CHECKING:
+    from tensorferry.cuda import DeviceInfo
+    from tensorferry.daemon.cuda_runtime import CudaRuntime
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,8 @@ class Model:
     released_early: bool = False
     #: Kept resident: never evicted to make room.
     pinned: bool = False
+    #: Models on other GPUs that this model's load fills from the same fetch.
+    fan_out: list[Model] = dataclasses.field(default_factory=list)
     created: float = dataclasses.field(default_factory=time.monotonic)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -98,10 +109,14 @@ class RecentLoads(collections.deque[LoadRecord]):
 class Registry:
     def __init__(
         self, sink: CpuShmSink, tasks: asyncio.TaskGroup, max_loads: int = 0,
-        max_per_client: int = 0,
+        max_per_client: int = 0, cuda: CudaRuntime | None = None,
     ) -> None:  # fmt: skip
         self.sink = sink
         sink.reclaim = self.reclaim
+        #: The daemon's CUDA side; None without a GPU (CPU loads only).
+        self.cuda = cuda
+        if cuda is not None:
+            cuda.sink.reclaim = self.reclaim
         self.max_loads = max_loads
         self.max_per_client = max_per_client
         self._tasks = tasks
@@ -115,17 +130,30 @@ class Registry:
     def models(self) -> list[Model]:
         return list(self._all.values())
 
+    @property
+    def gpus(self) -> list[DeviceInfo] | None:
+        return None if self.cuda is None else self.cuda.devices
+
+    def find(self, key: ModelKey) -> Model | None:
+        return self._by_key.get(key)
+
     def get_or_start(
-        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]], client: str = ""
-    ) -> tuple[Model, bool]:
+        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]], client: str = "",
+        fan_out: Sequence[ModelKey] = (),
+    ) -> tuple[Model, bool]:  # fmt: skip
         """The model for ``key`` and whether it was already there (loading or ready).
 
         A new model's load runs in the registry's task group, not in the caller's task:
         it outlives a caller that disconnects while others (or a preload) wait for it.
+        ``fan_out``: more devices that get the same bytes from one fetch (a preload onto
+        several GPUs); those not resident or loading join the load started here.
         """
+        missing = [k for k in fan_out if k not in self._by_key]
         model = self._by_key.get(key)
         if model is not None:
             model.last_used = time.monotonic()
+            if missing:
+                self._start(missing[0], load, client, missing[1:]).keep = True
             return model, True
         if self.max_loads and len(self._loads) >= self.max_loads:
             raise ResourceExhausted(
@@ -139,35 +167,56 @@ class Registry:
                 f"client ([limits] max_loads_per_client = {self.max_per_client}); retry when "
                 "one finishes"
             )
+        return self._start(key, load, client, missing), False
+
+    def _new(self, key: ModelKey, client: str) -> Model:
         model = Model(id=f"m{next(self._seq)}-{key.version[:8]}", key=key, client=client)
         self._by_key[key] = model
         self._all[model.id] = model
+        return model
+
+    def _start(
+        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]], client: str,
+        fan_out: Sequence[ModelKey],
+    ) -> Model:  # fmt: skip
+        model = self._new(key, client)
+        for k in fan_out:
+            follower = self._new(k, client)
+            follower.keep = True  # fan-out is for preloads: nobody waits on it to cancel
+            model.fan_out.append(follower)
         task = self._tasks.create_task(self._run(model, load))
         model.task = task
         self._loads.add(task)
         task.add_done_callback(self._loads.discard)
-        return model, False
+        return model
 
     async def _run(self, model: Model, load: Callable[[Model], Awaitable[Loaded]]) -> None:
+        group = [model, *model.fan_out]
         try:
             loaded = await load(model)
         except BaseException as exc:
-            self._forget(model)
-            if model.done.done():
-                pass
-            elif isinstance(exc, asyncio.CancelledError):
-                model.done.cancel()
-            else:
-                model.done.set_exception(exc)
-                model.done.exception()  # waiters may all be gone; mark it retrieved
+            for m in group:
+                self._fail(m, exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        model.loaded = loaded
-        if model.state is State.LOADING:
-            model.state = State.READY
-        model.done.set_result(loaded)
-        self._maybe_free(model)  # evicted while it was loading
+        assert len(loaded.replicas) == len(model.fan_out), "one replica per extra device"
+        for m, result in zip(group, (loaded, *loaded.replicas), strict=True):
+            m.loaded = dataclasses.replace(result, replicas=())
+            if m.state is State.LOADING:
+                m.state = State.READY
+            m.done.set_result(m.loaded)
+            self._maybe_free(m)  # evicted while it was loading
+
+    def _fail(self, model: Model, exc: BaseException) -> None:
+        self._forget(model)
+        if model.done.done():
+            pass
+        elif isinstance(exc, asyncio.CancelledError):
+            model.done.cancel()
+        else:
+            model.done.set_exception(exc)
+            model.done.exception()  # waiters may all be gone; mark it retrieved
 
     def leave(self, model: Model) -> None:
         """A request stopped waiting; stop the fetch if it was the last one (not preload)."""
@@ -215,11 +264,13 @@ class Registry:
             self._maybe_free(model)
         return [m.id for m in matches], pending
 
-    def reclaim(self, needed: int) -> None:
-        """Evict ready models nobody holds, least recently used first, to free ``needed``."""
+    def reclaim(self, needed: int, device: str = "cpu") -> None:
+        """Evict ready models on ``device`` that nobody holds, least recently used first,
+        to free ``needed`` bytes there."""
         idle = sorted(
             (m for m in self._all.values()
-             if m.state is State.READY and not m.leases and not m.pinned and m.loaded),
+             if m.state is State.READY and not m.leases and not m.pinned and m.loaded
+             and m.key.device == device),
             key=lambda m: m.last_used,
         )  # fmt: skip
         freed = 0
@@ -233,9 +284,19 @@ class Registry:
 
     def _maybe_free(self, model: Model) -> None:
         if model.state is State.EVICTING and not model.leases and model.loaded is not None:
-            self.sink.release(model.loaded.arena, recycle=not model.released_early)
+            self._release(model.loaded, recycle=not model.released_early)
             self._all.pop(model.id, None)
             log.info("freed model %s (%s)", model.id, model.key.uri)
+
+    def _release(self, loaded: Loaded, *, recycle: bool) -> None:
+        arena = loaded.arena
+        if isinstance(arena, CudaArena):
+            # Every importer closed its mapping before its lease ended (the client's
+            # order), so no worker maps the memory cudaFree returns.
+            assert self.cuda is not None
+            self.cuda.sink.release(arena)
+        else:
+            self.sink.release(arena, recycle=recycle)
 
     def cancel_loads(self) -> None:
         for task in self._loads:
@@ -244,6 +305,6 @@ class Registry:
     def close(self) -> None:
         for model in list(self._all.values()):
             if model.loaded is not None:
-                self.sink.release(model.loaded.arena, recycle=False)
+                self._release(model.loaded, recycle=False)
         self._all.clear()
         self._by_key.clear()

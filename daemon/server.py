@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorferry.daemon import systemd
 from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
+from tensorferry.daemon.cuda_runtime import open_cuda
 from tensorferry.daemon.metrics import Metrics
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.service import LoaderService
@@ -84,10 +85,16 @@ async def run_daemon(
                        budget=settings.shm_budget, group=settings.group_id(),
                        recycle_budget=settings.recycle_bytes)
         )  # fmt: skip
+        # Before the task group: loads end (and their copies complete) before CUDA goes.
+        cuda = await stack.enter_async_context(
+            open_cuda(settings.cuda, chunk_size=settings.s3.chunk_size, instance=sink.instance)
+        )
         backend = await stack.enter_async_context(S3Backend(settings.s3))
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         limits = settings.limits
-        registry = Registry(sink, tasks, limits.max_concurrent_loads, limits.max_loads_per_client)
+        registry = Registry(
+            sink, tasks, limits.max_concurrent_loads, limits.max_loads_per_client, cuda=cuda
+        )
         stack.callback(registry.close)
         if settings.metrics_listen:
             metrics = Metrics(registry)

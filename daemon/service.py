@@ -7,6 +7,7 @@ Errors leave every handler through ``_abort``, which uses the one mapping in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -18,9 +19,11 @@ import grpc
 
 from tensorferry import __version__
 from tensorferry.daemon.config import Settings
+from tensorferry.daemon.devices import resolve_devices
 from tensorferry.daemon.fetch import RetryPolicy
 from tensorferry.daemon.manifest import MAX_WORLD_SIZE, RESERVED_PREFIX
-from tensorferry.daemon.pipeline import Loaded, load_plan
+from tensorferry.daemon.pipeline import Loaded
+from tensorferry.daemon.placement import grant, place_plan
 from tensorferry.daemon.planner import make_plan
 from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared_load
 from tensorferry.daemon.registry import LoadRecord, Model, ModelKey, Registry, State
@@ -37,7 +40,6 @@ from tensorferry.daemon.store.local import LocalStore
 from tensorferry.daemon.store.s3 import S3Backend, S3Store
 from tensorferry.errors import (
     DaemonUnavailable,
-    FailedPrecondition,
     InvalidRequest,
     SourceNotFound,
     TensorferryError,
@@ -74,17 +76,6 @@ def unary(
             raise  # not reached: abort raises
 
     return wrapper
-
-
-def check_device(device: str) -> str:
-    if device in ("", "cpu"):
-        return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        raise FailedPrecondition(
-            f"device {device!r}: no CUDA device is visible to the daemon; load with "
-            "device='cpu' or run the daemon on a GPU host"
-        )
-    raise InvalidRequest(f"device {device!r} is not supported: use 'cpu' or 'cuda:N'")
 
 
 MAX_PATTERNS = 10_000
@@ -167,8 +158,8 @@ class LoaderService(pb_grpc.LoaderServicer):
             def progress(n: int) -> None:
                 model.bytes_done += n
 
-            loaded = await load_plan(
-                store, plan, ref.uri, self.registry.sink,
+            loaded = await place_plan(
+                store, plan, ref.uri, model, self.registry,
                 concurrency=s3.concurrency, policy=self.policy,
                 max_model_bytes=self.settings.limits.max_model_bytes,
                 on_plan=on_plan,
@@ -202,7 +193,9 @@ class LoaderService(pb_grpc.LoaderServicer):
                 "it is back"
             )
         ref = parse_uri(request.uri)
-        device = check_device(request.device)
+        devices = resolve_devices(
+            request.device, request.gpu_uuids, self.registry.gpus, lease=lease
+        )
         select = check_select(request.select)
         rank, world_size = check_rank(request.rank, request.world_size)
         check_allowed(ref, self.settings)
@@ -210,17 +203,21 @@ class LoaderService(pb_grpc.LoaderServicer):
         store = self._store(ref)
         listing = await list_source(ref, store)
         key = ModelKey(
-            ref.uri, listing_version(listing), device, select, rank=rank, world_size=world_size
-        )
+            ref.uri, listing_version(listing), devices[0], select, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
+        # A preload onto several GPUs: one fetch fills them all (registry fan-out).
+        fan_out = [dataclasses.replace(key, device=d) for d in devices[1:]]
         model, existed = self.registry.get_or_start(
-            key, lambda m: self._cold_load(store, ref, listing, m, t0), client
+            key, lambda m: self._cold_load(store, ref, listing, m, t0), client, fan_out
         )
+        group = [model, *(m for k in fan_out if (m := self.registry.find(k)) is not None)]
         sent = -1
         model.waiters += 1
         model.keep = model.keep or not lease  # a preload finishes even if its caller goes
         try:
-            while not model.done.done():
-                await asyncio.wait([model.done], timeout=PROGRESS_INTERVAL)
+            while not all(m.done.done() for m in group):
+                await asyncio.wait([m.done for m in group], timeout=PROGRESS_INTERVAL)
                 if model.bytes_done != sent:
                     sent = model.bytes_done
                     yield pb.LoadEvent(
@@ -230,11 +227,13 @@ class LoaderService(pb_grpc.LoaderServicer):
                     )
         finally:
             self.registry.leave(model)
-        if model.done.cancelled():
+        if any(m.done.cancelled() for m in group):
             raise DaemonUnavailable(
                 f"the load of {ref.uri} was cancelled (its requesters went away, or the "
                 "daemon is stopping); load it again"
             )
+        for other in group[1:]:
+            other.done.result()  # a GPU that failed fails the preload
         loaded = model.done.result()
         attached = existed and model.state is State.READY and sent < 0
         if attached:
@@ -254,11 +253,9 @@ class LoaderService(pb_grpc.LoaderServicer):
             for i in range(0, len(tensors), TENSORS_PER_MESSAGE):
                 batch = pb.TensorBatch(tensors=tensors[i : i + TENSORS_PER_MESSAGE])
                 yield pb.LoadEvent(tensors=batch)
-            arena = loaded.arena
             yield pb.LoadEvent(
                 ready=pb.Ready(
-                    model_id=model.id, lease_id=lease_id,
-                    cpu_shm=pb.CpuShmGrant(name=arena.name, size=arena.size),
+                    model_id=model.id, lease_id=lease_id, **grant(loaded),
                     tensor_count=len(tensors), total_bytes=loaded.plan.tensor_bytes,
                     attached=attached, seconds=time.monotonic() - t0,
                     files=extra_files(listing),

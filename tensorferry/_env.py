@@ -20,6 +20,10 @@ CONFIG = "TENSORFERRY_CONFIG"
 LOG_LEVEL = "TENSORFERRY_LOG_LEVEL"
 #: Optional S3 endpoint override (standard AWS variable).
 AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+#: Worker side, tests only: comma-separated GPU UUIDs. When set, the client imports CUDA
+#: arenas through the fake CUDA API (tensorferry.cuda.fake) as if this process saw these
+#: GPUs as cuda:0, cuda:1, ...; it pairs with a daemon configured with [cuda] api = "fake".
+FAKE_CUDA = "TENSORFERRY_FAKE_CUDA"
 
 
 def _get(name: str) -> str | None:
@@ -68,3 +72,8 @@ def log_level() -> str | None:
 
 def aws_endpoint_url() -> str | None:
     return _get(AWS_ENDPOINT_URL)
+
+
+def fake_cuda_devices() -> list[str] | None:
+    value = _get(FAKE_CUDA)
+    return [u.strip() for u in value.split(",") if u.strip()] if value else None

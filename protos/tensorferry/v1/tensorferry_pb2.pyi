@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadRequest(_message.Message):
-    __slots__ = ("uri", "device", "client_name", "select", "rank", "world_size")
+    __slots__ = ("uri", "device", "client_name", "select", "rank", "world_size", "gpu_uuids")
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     SELECT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     uri: str
     device: str
     client_name: str
     select: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     world_size: int
-    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total")
@@ -117,18 +119,20 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class PreloadRequest(_message.Message):
-    __slots__ = ("uri", "device", "select", "rank", "world_size")
+    __slots__ = ("uri", "device", "select", "rank", "world_size", "gpu_uuids")
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SELECT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     uri: str
     device: str
     select: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     world_size: int
-    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ()

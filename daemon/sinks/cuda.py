@@ -1,0 +1,149 @@
+"""GPU arenas: one raw allocation per (model, GPU), exported once as a CUDA IPC handle.
+
+An arena is freed only when (1) the registry releases it (evicted, no lease left: every
+worker has closed its mapping, since the client closes the handle before it ends the
+lease) and (2) no queued H2D copy still writes into it. A load that fails or is cancelled
+releases its arenas at once; the free then waits for the copies already queued, which
+complete on their own (see ``CudaArena.copy_finished``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable
+
+from tensorferry.cuda import CudaApi, CudaError, DeviceInfo, DeviceMemory
+from tensorferry.errors import InternalError, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class CudaArena:
+    name: str  # for logs and Status: "cuda.<instance>.<n>"
+    device: DeviceInfo
+    size: int
+    memory: DeviceMemory
+    handle: bytes
+    #: H2D copies queued into the arena and not yet complete.
+    inflight: int = 0
+    #: The first CUDA error a copy into the arena reported.
+    error: BaseException | None = None
+    #: Released while copies were queued: freed when the last one completes.
+    freeing: bool = False
+    idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    _free: Callable[[CudaArena], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def ptr(self) -> int:
+        return self.memory.ptr
+
+    @property
+    def ordinal(self) -> int:
+        return self.device.ordinal
+
+    def copy_queued(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def copy_finished(self, error: BaseException | None) -> None:
+        self.inflight -= 1
+        if error is not None and self.error is None:
+            self.error = error
+        if self.inflight == 0:
+            self.idle.set()
+            if self.freeing and self._free is not None:
+                self._free(self)
+
+
+class CudaSink:
+    """Allocates and frees this daemon's GPU arenas and keeps each GPU's reserve free."""
+
+    def __init__(self, api: CudaApi, *, reserve: int, instance: str) -> None:
+        self.api = api
+        self.reserve = reserve
+        self.instance = instance
+        #: Set by the registry: evict unleased models on a GPU (by UUID), least recently
+        #: used first, to free about this many bytes.
+        self.reclaim: Callable[[int, str], None] = lambda needed, gpu_uuid: None
+        self._arenas: dict[str, CudaArena] = {}
+        self._seq = itertools.count(1)
+
+    @property
+    def used(self) -> int:
+        return sum(a.size for a in self._arenas.values())
+
+    @property
+    def arena_names(self) -> list[str]:
+        return sorted(self._arenas)
+
+    def _headroom(self, device: DeviceInfo) -> int:
+        free, _ = self.api.mem_get_info(device.ordinal)
+        return free - self.reserve
+
+    def _refuse(self, device: DeviceInfo, size: int, what: str, headroom: int) -> None:
+        raise ResourceExhausted(
+            f"loading {what} onto {device.uuid} needs {size} bytes of GPU memory but only "
+            f"{max(headroom, 0)} are free beyond the reserve ({self.reserve} bytes, [cuda] "
+            "reserve); evict a model with `tensorferry evict` or free memory on that GPU"
+        )
+
+    def allocate(self, device: DeviceInfo, size: int, what: str) -> CudaArena:
+        try:
+            headroom = self._headroom(device)
+            if size > headroom:
+                self.reclaim(size - headroom, device.uuid)
+                headroom = self._headroom(device)
+            if size > headroom:
+                self._refuse(device, size, what, headroom)
+            memory = self.api.malloc(device.ordinal, size)
+        except CudaError as exc:
+            if exc.out_of_memory:
+                self._refuse(device, size, what, 0)
+            raise InternalError(
+                f"CUDA failed to allocate {size} bytes on {device.uuid}: {exc}"
+            ) from exc
+        try:
+            handle = self.api.ipc_get_handle(memory)
+        except BaseException as exc:
+            self.api.free(memory)
+            if isinstance(exc, CudaError):
+                raise InternalError(
+                    f"CUDA failed to export an arena on {device.uuid}: {exc}"
+                ) from exc
+            raise
+        arena = CudaArena(f"cuda.{self.instance}.{next(self._seq)}", device, size, memory, handle)
+        arena._free = self._free
+        self._arenas[arena.name] = arena
+        log.debug("arena %s: %d bytes on %s for %s", arena.name, size, device.uuid, what)
+        return arena
+
+    def release(self, arena: CudaArena) -> None:
+        """Free the arena now, or once the copies queued into it are complete."""
+        if arena.name not in self._arenas or arena.freeing:
+            return
+        arena.freeing = True
+        if arena.inflight == 0:
+            self._free(arena)
+
+    def _free(self, arena: CudaArena) -> None:
+        if self._arenas.pop(arena.name, None) is None:
+            return
+        try:
+            self.api.free(arena.memory)
+        except CudaError as exc:
+            # Nothing to retry: a failed free means the context is broken (sticky error).
+            log.error("freeing arena %s on %s failed: %s", arena.name, arena.device.uuid, exc)
+
+    def close(self) -> None:
+        """Free every arena (daemon exit: copies are complete, workers' leases ended)."""
+        for arena in list(self._arenas.values()):
+            if arena.inflight:
+                log.warning("arena %s freed with %d copies pending", arena.name, arena.inflight)
+            self._free(arena)
