@@ -233,15 +233,18 @@ class Client:
     def preload(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
         progress: ProgressFn | None = None, select: Sequence[str] = (), rank: int = 0,
-        world_size: int = 0,
+        world_size: int = 0, pin: bool = False,
     ) -> pb.Ready:  # fmt: skip
-        """Make a model resident without holding it; returns the daemon's ready event."""
+        """Make a model resident without holding it; returns the daemon's ready event.
+
+        ``pin`` keeps it resident: it is never evicted to make room for another load.
+        """
         self._check_socket()
         target = self._target(device, importing=False)
         try:
             request = pb.PreloadRequest(
                 uri=uri, device=device, select=select, rank=rank, world_size=world_size,
-                gpu_uuids=target.uuids if target else (),
+                gpu_uuids=target.uuids if target else (), pin=pin,
             )  # fmt: skip
             call = self._stub.Preload(request, timeout=timeout)
             return collect(call, progress)[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorferry import _env
+from tensorferry.daemon.config_keys import unknown_key
 from tensorferry.daemon.cuda_settings import CudaSettings, cuda_settings
 from tensorferry.errors import InvalidRequest
 
@@ -136,6 +137,9 @@ class Settings:
     log_level: str = "INFO"
     #: "text" or "json" (one object per line, for log shippers).
     log_format: str = "text"
+    #: The local disk tier: a directory and its byte budget; None: off.
+    cache_dir: Path | None = None
+    cache_budget: int = 100 << 30
     #: host:port of the Prometheus endpoint (loopback only); None: off.
     metrics_listen: str | None = None
     #: Models to load at start (READY does not wait for them).
@@ -234,8 +238,11 @@ def load_settings(
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+        problem = unknown_key(data, path)
+        if problem:
+            raise ConfigError(problem)
     sources, s3, memory = _section(data, "sources"), _section(data, "s3"), _section(data, "memory")
-    limits = _section(data, "limits")
+    limits, cache = _section(data, "limits"), _section(data, "cache")
     s3_settings = S3Settings(
         endpoint_url=s3.get("endpoint_url") or _env.aws_endpoint_url(),
         region=s3.get("region"),
@@ -280,6 +287,8 @@ def load_settings(
         log_level=_env.log_level() or str(data.get("log_level", "INFO")),
         log_format=_choice(data.get("log_format", "text"), ("text", "json"), "log_format"),
         preload=tuple(str(u) for u in data.get("preload", ())),
+        cache_dir=Path(cache["dir"]) if cache.get("dir") else None,
+        cache_budget=parse_size(cache.get("budget", 100 << 30), "cache.budget"),
         metrics_listen=_loopback(_section(data, "metrics").get("listen"), "metrics.listen"),
         shutdown_grace=float(data.get("shutdown_grace", 20.0)),
         cuda=_cuda(_section(data, "cuda")),

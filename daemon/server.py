@@ -23,6 +23,7 @@ from tensorferry.daemon.metrics import Metrics
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.service import LoaderService
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.store.cache import DiskTier
 from tensorferry.daemon.store.s3 import S3Backend
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
 
@@ -104,6 +105,8 @@ async def run_daemon(
             stack.callback(metrics.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
         service = LoaderService(settings, registry, backend, sink.instance)
+        if settings.cache_dir is not None:
+            service.tier = DiskTier(settings.cache_dir, settings.cache_budget)
         limits = settings.limits
         server = grpc.aio.server(
             options=[

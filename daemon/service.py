@@ -36,6 +36,7 @@ from tensorferry.daemon.source import (
     read_source,
 )
 from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.store.cache import CachingStore, DiskTier
 from tensorferry.daemon.store.local import LocalStore
 from tensorferry.daemon.store.s3 import S3Backend, S3Store
 from tensorferry.errors import (
@@ -119,6 +120,8 @@ class LoaderService(pb_grpc.LoaderServicer):
         self.backend = backend
         self.instance = instance
         self.started = time.monotonic()
+        #: The local disk tier, when [cache] dir is configured (set by the server).
+        self.tier: DiskTier | None = None
         s3 = settings.s3
         self.policy = RetryPolicy(
             attempts=s3.attempts, budget=s3.retry_budget, range_deadline=s3.range_deadline
@@ -128,10 +131,13 @@ class LoaderService(pb_grpc.LoaderServicer):
         self.draining = asyncio.Event()
 
     def _store(self, ref: SourceRef) -> Store:
+        store: Store
         if ref.scheme == "s3":
-            return S3Store(self.backend, ref.bucket, ref.prefix, ref.single)
-        assert ref.path is not None
-        return LocalStore(ref.path, ref.uri.removesuffix(ref.single or ""))
+            store = S3Store(self.backend, ref.bucket, ref.prefix, ref.single)
+        else:
+            assert ref.path is not None
+            store = LocalStore(ref.path, ref.uri.removesuffix(ref.single or ""))
+        return store if self.tier is None else CachingStore(store, self.tier)
 
     async def _cold_load(
         self, store: Store, ref: SourceRef, listing: list[ObjectInfo], model: Model, t0: float
@@ -215,6 +221,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         sent = -1
         model.waiters += 1
         model.keep = model.keep or not lease  # a preload finishes even if its caller goes
+        model.pinned = model.pinned or bool(getattr(request, "pin", False))
         try:
             while not all(m.done.done() for m in group):
                 await asyncio.wait([m.done for m in group], timeout=PROGRESS_INTERVAL)
@@ -353,6 +360,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             bytes=loaded.arena.size if loaded else 0,
             tensor_count=len(loaded.plan.tensors) if loaded else 0,
             leases=len(model.leases), lease_clients=sorted(model.leases.values()),
+            pinned=model.pinned,
         )  # fmt: skip
 
     @unary

@@ -99,11 +99,12 @@ def _preload(args: argparse.Namespace) -> int:
                 show = None if args.quiet else _progress_bar(args.uri)
                 if not args.wait:
                     client.preload(args.uri, args.device, timeout=args.timeout, select=args.select,
-                                   rank=args.rank, world_size=args.world_size)  # fmt: skip
+                                   rank=args.rank, world_size=args.world_size,
+                                   pin=args.pin)  # fmt: skip
                     return 0
                 ready = client.preload(
                     args.uri, args.device, timeout=args.timeout, progress=show, select=args.select,
-                    rank=args.rank, world_size=args.world_size,
+                    rank=args.rank, world_size=args.world_size, pin=args.pin,
                 )  # fmt: skip
                 print(f"resident: {ready.model_id} ({ready.total_bytes / 1e9:.3f} GB)")
                 return 0
@@ -121,7 +122,10 @@ def _ls(args: argparse.Namespace) -> int:
     if not models:
         print("no resident models")
     for m in models:
-        print(f"{m.model_id}\t{m.state}\t{m.bytes / 1e9:.3f} GB\t{m.leases} leases\t{m.uri}")
+        pinned = "\tpinned" if m.pinned else ""
+        print(
+            f"{m.model_id}\t{m.state}\t{m.bytes / 1e9:.3f} GB\t{m.leases} leases\t{m.uri}{pinned}"
+        )
     return 0
 
 
@@ -221,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "artifact (with --world-size)")  # fmt: skip
         p.add_argument("--world-size", type=int, default=0, metavar="N")
         p.set_defaults(func=func)
+    p.add_argument("--pin", action="store_true",
+                   help="keep it resident: never evicted to make room")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="exit 0 only once the model is resident")
     p.add_argument(
         "--retry-for",

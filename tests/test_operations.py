@@ -176,3 +176,97 @@ def test_doctor_and_config_show(s3: S3Server, tmp_path: Path) -> None:
         assert settings["allow"] == allow
         assert settings["s3"]["addressing_style"] == "path"
         assert settings["socket"] == str(d.socket)
+
+
+def test_disk_tier_reload_needs_no_get(s3: S3Server, tmp_path: Path, prefix: str) -> None:
+    from tensorferry.devtools.proxy import CountingProxy, Kind
+    from tests.conftest import assert_same_tensors
+
+    write_model(tmp_path / "m", 3 << 20, shards=2, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+    cache = f'[cache]\ndir = "{tmp_path / "tier"}"\nbudget = "64MiB"\n'
+    with CountingProxy(s3.endpoint) as proxy:
+        env = daemon_env(s3, proxy.endpoint)
+        for restart in (False, True):  # a reload after an eviction, then after a restart
+            with (
+                running_daemon(env, allow=[f"s3://{BUCKET}/"], extra_config=cache) as d,
+                d.client() as client,
+            ):
+                if not restart:
+                    with client.load(uri) as model:
+                        want = dict(model.tensors)
+                        first = {k: v.clone() for k, v in want.items()}
+                    del want
+                    client.evict(uri)
+                proxy.reset()
+                with client.load(uri) as again:
+                    assert_same_tensors(again.tensors, first)
+                stats = proxy.stats()
+                assert stats.requests[Kind.DATA_GET] == 0
+                assert stats.requests[Kind.HEADER_GET] == 0
+                assert stats.requests[Kind.OBJECT_GET] == 0
+                assert stats.requests[Kind.LIST] == 1  # the version check
+
+
+def test_pinned_models_are_not_evicted_to_make_room(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    uris = {}
+    for name in "abc":
+        write_model(tmp_path / name, 3 << 20, layer_bytes=1 << 20, seed=ord(name))
+        uris[name] = upload(s3, tmp_path / name, f"{prefix}{name}/")
+    budget = '[memory]\nshm_budget = "8MiB"\n'
+    with (
+        running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], extra_config=budget) as d,
+        d.client() as client,
+    ):
+        client.preload(uris["a"], pin=True)  # the least recently used, but pinned
+        with client.load(uris["b"]):
+            pass
+        with client.load(uris["c"]):
+            pass
+        models = {m.uri: m.pinned for m in client.list()}
+        assert models == {uris["a"]: True, uris["c"]: False}
+
+
+def test_a_misspelt_config_key_stops_start_up(s3: S3Server) -> None:
+    import subprocess
+    import sys
+
+    config = short_dir() / "c.toml"
+    config.write_text(f'[sources]\nallow = ["s3://{BUCKET}/"]\n[memory]\nshm_budgte = "1GiB"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
+         "--socket", str(config.parent / "tf.sock")],
+        env=daemon_env(s3), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"tensorferry serve: config file {config}: unknown key 'memory.shm_budgte' in "
+        "[memory]; did you mean 'shm_budget'?"
+    )
+
+
+def test_a_replaced_object_loads_as_a_new_version(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    from safetensors.torch import load_file
+
+    from tests.conftest import assert_same_tensors
+
+    write_model(tmp_path / "v1", 1 << 20, layer_bytes=1 << 19, seed=1)
+    write_model(tmp_path / "v2", 1 << 20, layer_bytes=1 << 19, seed=2)
+    uri = upload(s3, tmp_path / "v1", prefix)
+    with (
+        running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"]) as d,
+        d.client() as client,
+        client.load(uri) as old,
+    ):
+        upload(s3, tmp_path / "v2", prefix)
+        with client.load(uri) as new:
+            assert new.model_id != old.model_id
+            assert not new.attached
+            assert_same_tensors(new.tensors, load_file(tmp_path / "v2" / "model.safetensors"))
+        # The old version stays, unchanged, for its lease holder.
+        assert_same_tensors(old.tensors, load_file(tmp_path / "v1" / "model.safetensors"))
+        assert len(client.list()) == 2

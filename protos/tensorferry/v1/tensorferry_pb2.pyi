@@ -119,27 +119,29 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class PreloadRequest(_message.Message):
-    __slots__ = ("uri", "device", "select", "rank", "world_size", "gpu_uuids")
+    __slots__ = ("uri", "device", "select", "rank", "world_size", "gpu_uuids", "pin")
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SELECT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
     uri: str
     device: str
     select: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     world_size: int
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
+    pin: bool
+    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., pin: _Optional[bool] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "uri", "device", "version", "state", "bytes", "tensor_count", "leases", "lease_clients")
+    __slots__ = ("model_id", "uri", "device", "version", "state", "bytes", "tensor_count", "leases", "lease_clients", "pinned")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +151,7 @@ class ModelInfo(_message.Message):
     TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
     LEASE_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     uri: str
     device: str
@@ -158,7 +161,8 @@ class ModelInfo(_message.Message):
     tensor_count: int
     leases: int
     lease_clients: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., uri: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., leases: _Optional[int] = ..., lease_clients: _Optional[_Iterable[str]] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, model_id: _Optional[str] = ..., uri: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., leases: _Optional[int] = ..., lease_clients: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("models",)
