@@ -54,6 +54,14 @@ class _Live(Collector):
         for state in ("loading", "ready", "evicting"):
             loaded.add_metric([state], sum(1 for m in models if m.state.value == state))
         yield loaded
+        ring = GaugeMetricFamily(
+            "tensorferry_ring_slots", "Pinned ring slots (GPU hosts)", labels=["state"]
+        )
+        if self.registry.cuda is not None:
+            r = self.registry.cuda.ring
+            ring.add_metric(["busy"], r.slots - r.free)
+            ring.add_metric(["free"], r.free)
+        yield ring
 
 
 class Metrics:

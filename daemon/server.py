@@ -113,7 +113,8 @@ async def run_daemon(
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.max_send_message_length", 64 << 20),
             ],
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            # Our own admission check answers first, with the numbers (service.admitted).
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs + 16,
         )
         pb_grpc.add_LoaderServicer_to_server(service, server)
         health = health_aio.HealthServicer()

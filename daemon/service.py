@@ -7,12 +7,13 @@ Errors leave every handler through ``_abort``, which uses the one mapping in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -42,6 +43,7 @@ from tensorferry.daemon.store.s3 import S3Backend, S3Store
 from tensorferry.errors import (
     DaemonUnavailable,
     InvalidRequest,
+    ResourceExhausted,
     SourceNotFound,
     TensorferryError,
     to_status,
@@ -71,7 +73,8 @@ def unary(
     @functools.wraps(fn)
     async def wrapper(self: LoaderService, request: Any, context: Any) -> T:
         try:
-            return await fn(self, request, context)
+            with self.admitted():
+                return await fn(self, request, context)
         except Exception as exc:
             await _abort(context, exc)
             raise  # not reached: abort raises
@@ -128,6 +131,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         )
         self._released: dict[str, asyncio.Event] = {}
         self.stopping = asyncio.Event()
+        self.open_calls = 0
         self.draining = asyncio.Event()
 
     def _store(self, ref: SourceRef) -> Store:
@@ -293,10 +297,30 @@ class LoaderService(pb_grpc.LoaderServicer):
     ) -> AsyncIterator[pb.LoadEvent]:
         client = getattr(request, "client_name", "") or context.peer()
         try:
-            async for event in self._events(request, client, lease):
-                yield event
+            with self.admitted():
+                async for event in self._events(request, client, lease):
+                    yield event
         except Exception as exc:
             await _abort(context, exc)
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count the call; refuse it, with the numbers, above [limits] max_concurrent_rpcs.
+
+        (gRPC's own limit, set a little higher as a backstop, would refuse without them.)
+        """
+        limit = self.settings.limits.max_concurrent_rpcs
+        if self.open_calls >= limit:
+            raise ResourceExhausted(
+                f"{self.open_calls} calls are open on this daemon, its limit ([limits] "
+                f"max_concurrent_rpcs = {limit}); each worker lease holds one: release "
+                "unused models or raise the limit"
+            )
+        self.open_calls += 1
+        try:
+            yield
+        finally:
+            self.open_calls -= 1
 
     # grpc.aio recognises streaming handlers by being async generator functions.
     async def Load(

@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 
 from tensorferry.cuda import DeviceInfo, cuda_ordinals, normalize_pci
 from tensorferry.daemon.config import ConfigError, load_settings
@@ -144,3 +145,19 @@ def test_cuda_config_is_validated_with_the_key_named(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_settings(config)
         assert str(info.value) == message
+
+
+def test_cupy_without_a_driver_means_no_cuda(caplog: pytest.LogCaptureFixture) -> None:
+    """CI installs cupy-cuda12x on a machine without a driver: the real API imports, finds
+    the driver missing, and the daemon serves CPU only (cuda:N is FAILED_PRECONDITION, see
+    test_cuda_e2e) instead of crashing."""
+    pytest.importorskip("cupy")
+    import logging
+
+    from tensorferry.cuda.cupy_api import CupyCudaApi
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    with caplog.at_level(logging.INFO, logger="tensorferry.cuda.cupy_api"):
+        assert CupyCudaApi.create_or_none() is None
+    assert "no usable CUDA through cupy: CudaError: cudaErrorInsufficientDriver" in (caplog.text)

@@ -147,9 +147,12 @@ def test_limits_are_refused_with_numbers(s3: S3Server, tmp_path: Path, prefix: s
         for call in held:  # three open lease streams fill max_concurrent_rpcs
             while next(call).WhichOneof("event") != "ready":
                 pass
-        with pytest.raises(grpc.RpcError) as rpc:
-            stub.List(pb.ListRequest(), timeout=10)
-        assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        with pytest.raises(ResourceExhausted) as full:
+            client.list()
+        assert full.value.message == (
+            "3 calls are open on this daemon, its limit ([limits] max_concurrent_rpcs = 3); "
+            "each worker lease holds one: release unused models or raise the limit"
+        )
         for call in held:
             call.cancel()
         channel.close()
