@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -22,12 +22,12 @@ from tensorferry import __version__
 from tensorferry.daemon.config import Settings
 from tensorferry.daemon.devices import resolve_devices
 from tensorferry.daemon.fetch import RetryPolicy
-from tensorferry.daemon.manifest import MAX_WORLD_SIZE, RESERVED_PREFIX
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.placement import grant, place_plan
 from tensorferry.daemon.planner import make_plan
 from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared_load
 from tensorferry.daemon.registry import LoadRecord, Model, ModelKey, Registry, State
+from tensorferry.daemon.requests import check_rank, check_select, extra_files
 from tensorferry.daemon.source import (
     SourceRef,
     check_allowed,
@@ -80,38 +80,6 @@ def unary(
             raise  # not reached: abort raises
 
     return wrapper
-
-
-MAX_PATTERNS = 10_000
-
-
-def check_select(patterns: Sequence[str]) -> tuple[str, ...]:
-    if len(patterns) > MAX_PATTERNS:
-        raise InvalidRequest(f"a selection may have at most {MAX_PATTERNS} names or patterns")
-    for p in patterns:
-        if not p or len(p) > 1024:
-            raise InvalidRequest(f"selection entry {p[:64]!r} must be 1..1024 characters")
-    return tuple(sorted(set(patterns)))
-
-
-def check_rank(rank: int, world_size: int) -> tuple[int, int]:
-    """(rank, world_size), with a world of one rank folded into "no rank"."""
-    if world_size > MAX_WORLD_SIZE:
-        raise InvalidRequest(f"world_size {world_size} is above the limit of {MAX_WORLD_SIZE}")
-    if rank >= max(world_size, 1):
-        raise InvalidRequest(
-            f"rank {rank} is not below world_size {world_size}: pass world_size=N and a rank 0..N-1"
-        )
-    return (rank, world_size) if world_size > 1 else (0, 0)
-
-
-def extra_files(listing: list[ObjectInfo]) -> list[str]:
-    # A prepared artifact's manifest and data objects are not files for workers.
-    return sorted(
-        o.key
-        for o in listing
-        if not o.key.endswith(".safetensors") and not o.key.startswith(RESERVED_PREFIX)
-    )
 
 
 class LoaderService(pb_grpc.LoaderServicer):
