@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from tensorferry import _env
-from tensorferry.client._client import CHANNEL_OPTIONS, LoadedModel, ProgressFn
+from tensorferry.client._client import CHANNEL_OPTIONS, LoadedModel, ProgressFn, attach_model
 from tensorferry.errors import DaemonUnavailable, daemon_not_running, from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
@@ -68,7 +68,6 @@ class AsyncClient:
         except BaseException:
             call.cancel()
             raise
-        from tensorferry.client._views import build_views, map_grant
 
         ready = event.ready
         loop = asyncio.get_running_loop()
@@ -83,12 +82,7 @@ class AsyncClient:
             with contextlib.suppress(RuntimeError):  # loop already closed: lease ended
                 loop.call_soon_threadsafe(cancel)
 
-        try:
-            flat = map_grant(ready, target, end_lease)
-        except BaseException:
-            end_lease()
-            raise
-        return LoadedModel(ready, build_views(flat, table))
+        return attach_model(ready, target, table, end_lease)
 
     async def status(self) -> pb.StatusResponse:
         try:

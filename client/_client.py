@@ -126,6 +126,21 @@ def collect(
     raise DaemonUnavailable("the daemon ended the load without a ready event")
 
 
+def attach_model(
+    ready: pb.Ready, target: Any, table: list[pb.TensorInfo], end_lease: Callable[[], None]
+) -> LoadedModel:
+    """Map the ready event's grant and build the views; the lease ends if mapping fails."""
+    # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
+    from tensorferry.client._views import build_views, map_grant
+
+    try:
+        flat = map_grant(ready, target, end_lease)
+    except BaseException:
+        end_lease()
+        raise
+    return LoadedModel(ready, build_views(flat, table))
+
+
 class Client:
     """Talks to the tensorferry daemon over its Unix socket.
 
@@ -213,9 +228,6 @@ class Client:
         finally:
             if timer is not None:
                 timer.cancel()
-        # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
-        from tensorferry.client._views import build_views, map_grant
-
         channel = self._channel
         channel.acquire()
 
@@ -223,12 +235,7 @@ class Client:
             call.cancel()
             channel.release()
 
-        try:
-            flat = map_grant(ready, target, end_lease)
-        except BaseException:
-            end_lease()
-            raise
-        return LoadedModel(ready, build_views(flat, table))
+        return attach_model(ready, target, table, end_lease)
 
     def preload(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,

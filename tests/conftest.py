@@ -154,6 +154,19 @@ def start_daemon(
     return daemon
 
 
+def serve_refused(config_text: str, env: dict[str, str]) -> tuple[str, Path]:
+    """Run `serve` on a config that must be refused: it exits 2; returns stderr and the file."""
+    config = short_dir() / "c.toml"
+    config.write_text(config_text)
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
+         "--socket", str(config.parent / "tf.sock")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip(), config
+
+
 @contextlib.contextmanager
 def running_daemon(env: dict[str, str], **kwargs: Any) -> Iterator[Daemon]:
     daemon = start_daemon(env, **kwargs)

@@ -7,8 +7,6 @@ import grp
 import ipaddress
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -23,7 +21,7 @@ from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.seaweed import S3Server
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
-from tests.conftest import BUCKET, SHM, daemon_env, running_daemon, short_dir, upload
+from tests.conftest import BUCKET, SHM, daemon_env, running_daemon, serve_refused, upload
 
 Issuer = tuple[x509.Name, ec.EllipticCurvePrivateKey]
 
@@ -101,15 +99,11 @@ def test_tcp_only_with_tls_and_client_certificates(
 
 
 def test_tcp_without_tls_refuses_to_start(s3: S3Server) -> None:
-    config = short_dir() / "c.toml"
-    config.write_text(f'[sources]\nallow = ["s3://{BUCKET}/"]\n[tcp]\nlisten = "127.0.0.1:7443"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
-         "--socket", str(config.parent / "tf.sock")],
-        env=daemon_env(s3), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+    stderr, _ = serve_refused(
+        f'[sources]\nallow = ["s3://{BUCKET}/"]\n[tcp]\nlisten = "127.0.0.1:7443"\n',
+        daemon_env(s3),
+    )
+    assert stderr == (
         "tensorferry serve: tcp: gRPC over TCP needs TLS: set [tcp] cert and key (plaintext "
         "TCP is refused)"
     )

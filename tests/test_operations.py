@@ -12,7 +12,15 @@ import pytest
 from tensorferry.client import DaemonUnavailable
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.seaweed import S3Server
-from tests.conftest import BUCKET, daemon_env, running_daemon, short_dir, start_daemon, upload
+from tests.conftest import (
+    BUCKET,
+    daemon_env,
+    running_daemon,
+    serve_refused,
+    short_dir,
+    start_daemon,
+    upload,
+)
 
 
 def test_notify_ready_watchdog_and_stopping(s3: S3Server) -> None:
@@ -106,20 +114,11 @@ def test_prometheus_metrics_on_loopback(s3: S3Server, tmp_path: Path, prefix: st
 
 
 def test_metrics_refuse_a_non_loopback_address(s3: S3Server) -> None:
-    import subprocess
-    import sys
-
-    config = short_dir() / "c.toml"
-    config.write_text(
-        f'[sources]\nallow = ["s3://{BUCKET}/"]\n[metrics]\nlisten = "0.0.0.0:9464"\n'
+    stderr, _ = serve_refused(
+        f'[sources]\nallow = ["s3://{BUCKET}/"]\n[metrics]\nlisten = "0.0.0.0:9464"\n',
+        daemon_env(s3),
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
-         "--socket", str(config.parent / "tf.sock")],
-        env=daemon_env(s3), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith(
+    assert stderr.endswith(
         "tensorferry serve: metrics.listen: 0.0.0.0:9464 is not a loopback host:port"
     )
 
@@ -230,18 +229,11 @@ def test_pinned_models_are_not_evicted_to_make_room(
 
 
 def test_a_misspelt_config_key_stops_start_up(s3: S3Server) -> None:
-    import subprocess
-    import sys
-
-    config = short_dir() / "c.toml"
-    config.write_text(f'[sources]\nallow = ["s3://{BUCKET}/"]\n[memory]\nshm_budgte = "1GiB"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
-         "--socket", str(config.parent / "tf.sock")],
-        env=daemon_env(s3), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+    stderr, config = serve_refused(
+        f'[sources]\nallow = ["s3://{BUCKET}/"]\n[memory]\nshm_budgte = "1GiB"\n',
+        daemon_env(s3),
+    )
+    assert stderr == (
         f"tensorferry serve: config file {config}: unknown key 'memory.shm_budgte' in "
         "[memory]; did you mean 'shm_budget'?"
     )
