@@ -146,3 +146,34 @@ def test_local_symlinks_cannot_escape_the_root(tmp_path: Path, name: str) -> Non
     if name != "inside":
         with pytest.raises((InvalidRequest, AccessDenied)):
             asyncio.run(store.read(obj, 0, 4))
+
+
+@BUDGET
+@given(
+    sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=8),
+    pick=st.lists(st.booleans(), min_size=8, max_size=8),
+    chunk=st.sampled_from([1024, 4096]),
+)
+def test_ranges_never_straddle_a_chunk_boundary_of_the_object(
+    sizes: list[int], pick: list[bool], chunk: int
+) -> None:  # fmt: skip
+    # Stores keep objects as aligned parts: a range across a boundary costs the server twice.
+    doc, offset = {}, 0
+    for i, n in enumerate(sizes):
+        doc[f"t{i}"] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(doc).encode()
+    blob = struct.pack("<Q", len(raw)) + raw + bytes(offset)
+    header = parse_header(blob, "k", len(blob))
+    source = Source(parse_uri("s3://b/m/"), ((ObjectInfo("k", len(blob), "e"), header),), (), "v")
+    select = tuple(f"t{i}" for i in range(len(sizes)) if pick[i]) or ("t0",)
+    plan = make_plan(source, chunk, select)
+    for r in plan.ranges:
+        assert 0 < r.length <= chunk
+        assert r.start // chunk == (r.start + r.length - 1) // chunk
+    covered = sorted((r.start, r.start + r.length) for r in plan.ranges)
+    wanted = sum(sizes[i] for i in range(len(sizes)) if f"t{i}" in select)
+    assert sum(end - begin for begin, end in covered) == wanted
+    # Only a cut forced by a boundary splits a run: at most one range per chunk touched.
+    touched = {b // chunk for begin, end in covered for b in range(begin, end)}
+    assert len(plan.ranges) <= len(touched) + len(select)

@@ -147,3 +147,32 @@ def test_good_header() -> None:
     assert [t.name for t in h.tensors] == ["a", "b", "z"]
     assert h.metadata == {"format": "pt"}
     assert h.data_len == 16
+
+
+async def test_a_freed_arena_is_reused_mapped_and_shrunk_to_the_next_load(tmp_path: Path) -> None:
+    from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+
+    mib = 1 << 20
+    async with CpuShmSink(tmp_path, recycle_budget=8 * mib) as sink:
+        first = sink.allocate(3 * mib, "m1")
+        first.view[:4] = b"old!"
+        sink.release(first)
+        assert sink.recycled_bytes == 3 * mib
+        (freed,) = tmp_path.glob("*.free*")
+        second = sink.allocate(2 * mib, "m2")  # fits: same pages, tail given back
+        assert bytes(second.view[:4]) == b"old!"
+        assert len(second.view) == second.path.stat().st_size == 2 * mib
+        assert not freed.exists()
+        assert sink.recycled_bytes == 0
+        # A slice still exported (a failed fetch's traceback) blocks the shrink: the pool
+        # entry is dropped and the load gets fresh, zeroed pages.
+        stray = second.view[:8]
+        sink.release(second)
+        third = sink.allocate(1 * mib, "m3")
+        assert bytes(third.view[:4]) == bytes(4)
+        assert list(tmp_path.glob("*.free*")) == []
+        assert sink.recycled_bytes == 0
+        stray.release()
+        sink.release(third, recycle=False)
+        assert [p.suffix for p in tmp_path.glob("tensorferry.*")] == [".lock"]
+    assert list(tmp_path.glob("tensorferry.*")) == []
