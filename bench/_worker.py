@@ -2,9 +2,11 @@
 
   _worker.py tensorferry URI                 (socket from $TENSORFERRY_SOCKET)
   _worker.py boto3 BUCKET DEST_DIR KEY...    (endpoint and keys from $AWS_*)
+  _worker.py runai S3_URI...                 (concurrency from $RUNAI_STREAMER_CONCURRENCY)
 
 Timing and CPU cover only the load itself: interpreter start and imports are left out, as a
-serving process has them behind it before it loads a model.
+serving process has them behind it before it loads a model. "t0" is time.monotonic() at the
+start (CLOCK_MONOTONIC: the parent lines it up with its own samples).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def load_tensorferry(uri: str) -> dict[str, Any]:
         with client.load(uri) as model:
             seconds = time.monotonic() - t0
             return {
+                "t0": t0,
                 "seconds": seconds,
                 "cpu_s": cpu_seconds() - cpu0,
                 "bytes": model.total_bytes,
@@ -64,6 +67,7 @@ def load_boto3(bucket: str, dest: Path, keys: list[str]) -> dict[str, Any]:
         tensors.update(load_file(path))
     seconds = time.monotonic() - t0
     return {
+        "t0": t0,
         "seconds": seconds,
         "cpu_s": cpu_seconds() - cpu0,
         "bytes": sum(p.stat().st_size for p in paths),
@@ -75,12 +79,35 @@ def load_boto3(bucket: str, dest: Path, keys: list[str]) -> dict[str, Any]:
     }
 
 
+def load_runai(uris: list[str]) -> dict[str, Any]:
+    # Run:ai Model Streamer as vLLM uses it: every tensor of every file, owned by the caller.
+    from runai_model_streamer import SafetensorsStreamer  # type: ignore[import-not-found, unused-ignore]
+
+    tensors: dict[str, torch.Tensor] = {}
+    cpu0, t0 = cpu_seconds(), time.monotonic()
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files(uris)
+        for name, tensor in streamer.get_tensors():
+            tensors[name] = tensor
+    seconds = time.monotonic() - t0
+    return {
+        "t0": t0,
+        "seconds": seconds,
+        "cpu_s": cpu_seconds() - cpu0,
+        "bytes": sum(t.nbytes for t in tensors.values()),
+        "tensors": len(tensors),
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def main() -> int:
     kind, args = sys.argv[1], sys.argv[2:]
     if kind == "tensorferry":
         result = load_tensorferry(args[0])
     elif kind == "boto3":
         result = load_boto3(args[0], Path(args[1]), args[2:])
+    elif kind == "runai":
+        result = load_runai(args)
     else:
         raise SystemExit(f"unknown contender {kind!r}")
     print(json.dumps(result), flush=True)

@@ -4,7 +4,7 @@ A model of ~300 tensors is made resident once; then each of --runs fresh worker 
 imports torch, starts a timer, creates a Client, loads the resident model (an attach: no
 fetch) and stops the timer once every tensor view exists. Prints p50/p99/max in ms.
 
-Usage: .venv/bin/python bench/bench_attach.py [--runs 50] [--tensors 300]
+Usage: .venv/bin/python bench/bench_attach.py [--runs 50] [--tensors 300] [--json FILE]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--tensors", type=int, default=300)
     parser.add_argument("--no-settle", action="store_true", help="no gc.collect() first")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
     settle = "no" if args.no_settle else "settle"
     with tempfile.TemporaryDirectory(prefix="tf-attach-", dir="/tmp") as tmp:
@@ -102,14 +103,15 @@ def main() -> int:
     client_ms = statistics.median(p[0] for p in parts)
     daemon_ms = statistics.median(p[1] for p in parts)
     print(f"median: Client() {client_ms:.1f} ms; the daemon's own time to ready {daemon_ms:.1f} ms")
-    p50 = statistics.median(times)
-    client_ms = statistics.median(p[0] for p in parts)
-    daemon_ms = statistics.median(p[1] for p in parts)
-    print(f"median: Client() {client_ms:.1f} ms; the daemon's own time to ready {daemon_ms:.1f} ms")
     print(
         f"warm attach of {args.tensors} tensors, {args.runs} fresh processes: "
         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {times[-1]:.1f} ms"
     )
+    if args.json:
+        figures = {"runs": args.runs, "tensors": args.tensors, "settle": not args.no_settle,
+                   "p50_ms": p50, "p99_ms": p99, "max_ms": times[-1], "client_ms": client_ms,
+                   "daemon_ms": daemon_ms, "ms": times}  # fmt: skip
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,10 @@ def test_overlapping_loads_share_one_fetch_and_attach_needs_no_get(
         assert ready_first[1:] == ready_second[1:]  # same model id, tensors and checksum
         stats = proxy.stats()
         assert stats.body_bytes[Kind.DATA_GET] == data_bytes(tmp_path / "m")
+        # One presigned URL serves all of an object's ranges in a load (signing costs CPU).
+        gets = [urllib.parse.urlsplit(r.path) for r in stats.log if r.kind is Kind.DATA_GET]
+        assert len(gets) > 2
+        assert len({g.path for g in gets}) == len({(g.path, g.query) for g in gets}) == 2
         with d.client() as client:
             assert client.list()[0].leases == 2
         proxy.reset()
