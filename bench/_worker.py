@@ -6,12 +6,15 @@
 
 Timing and CPU cover only the load itself: interpreter start and imports are left out, as a
 serving process has them behind it before it loads a model. "t0" is time.monotonic() at the
-start (CLOCK_MONOTONIC: the parent lines it up with its own samples).
+start (CLOCK_MONOTONIC: the parent lines it up with its own samples). $BENCH_DEVICE (default
+"cpu") is where the tensors must end up; on a GPU, boto3's and Run:ai's tensors are copied
+there as vLLM does, and the clock stops after a device synchronize.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -20,6 +23,13 @@ from typing import Any
 
 # Imported up front: the tensorferry client imports torch lazily, inside load().
 import torch
+
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize(DEVICE)
 
 
 def cpu_seconds() -> float:
@@ -32,7 +42,7 @@ def load_tensorferry(uri: str) -> dict[str, Any]:
 
     with Client() as client:
         cpu0, t0 = cpu_seconds(), time.monotonic()
-        with client.load(uri) as model:
+        with client.load(uri, DEVICE) as model:
             seconds = time.monotonic() - t0
             return {
                 "t0": t0,
@@ -64,7 +74,8 @@ def load_boto3(bucket: str, dest: Path, keys: list[str]) -> dict[str, Any]:
     t_download = time.monotonic() - t0
     tensors: dict[str, torch.Tensor] = {}
     for path in paths:
-        tensors.update(load_file(path))
+        tensors.update(load_file(path, device=DEVICE))
+    synchronize()
     seconds = time.monotonic() - t0
     return {
         "t0": t0,
@@ -88,7 +99,8 @@ def load_runai(uris: list[str]) -> dict[str, Any]:
     with SafetensorsStreamer() as streamer:
         streamer.stream_files(uris)
         for name, tensor in streamer.get_tensors():
-            tensors[name] = tensor
+            tensors[name] = tensor.to(DEVICE, non_blocking=True)
+    synchronize()
     seconds = time.monotonic() - t0
     return {
         "t0": t0,

@@ -10,7 +10,8 @@ GB = 1e9 bytes. CPU-s/GB is the reader's CPU (curl; the daemon's process tree; t
 Run:ai worker); "server" is SeaweedFS's. Prints the tables, writes --json and draws --png.
 
 Usage: .venv/bin/python bench/bench_load.py [--size-mib 2048] [--shards 4] [--runs 3]
-           [--runai 4,8,16] [--scaling 1024,8192] [--attach-runs 50] [--workdir DIR]
+           [--runai 4,8,16] [--scaling 1024,8192] [--attach-runs 50] [--device cpu]
+           [--workdir DIR]
            [--json /tmp/bench_load.json] [--png /tmp/bench_load.png]
 """
 
@@ -98,7 +99,8 @@ def bench(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], dict[st
     with run_seaweed(work / "seaweed") as s3:
         keys, nbytes = upload_model(work, s3, args.size_mib, args.shards)
         scaling = {mib: upload_model(work, s3, mib, args.shards) for mib in sizes(args.scaling)}
-        env = {**os.environ, **s3.env(), "TENSORFERRY_SOCKET": str(work / "tf.sock")}
+        env = {**os.environ, **s3.env(), "TENSORFERRY_SOCKET": str(work / "tf.sock"),
+               "BENCH_DEVICE": args.device}  # fmt: skip
         c = Contenders(s3, env, work)
         recycle = max([args.size_mib, *scaling]) + 64
         with (
@@ -122,9 +124,9 @@ def bench(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], dict[st
         raise RuntimeError(f"/dev/shm files left behind by the daemon: {stray}")
     summary = {name: summarize(samples) for name, samples in runs.items()}
     return {
-        "config": {"size_mib": args.size_mib, "shards": args.shards, "runs": args.runs,
-                   "object_bytes": nbytes, "cpus": os.cpu_count(), "recycle_mib": recycle,
-                   "daemon_instance": c.instance},
+        "config": {"device": args.device, "size_mib": args.size_mib, "shards": args.shards,
+                   "runs": args.runs, "object_bytes": nbytes, "cpus": os.cpu_count(),
+                   "recycle_mib": recycle, "daemon_instance": c.instance},
         "summary": summary,
         "tensorferry": tensorferry_details(warmups["tensorferry"], runs["tensorferry"], idle.peak),
         "scaling": scaled,
@@ -152,6 +154,7 @@ def main() -> int:
     parser.add_argument("--runai", default="4,8,16", help="concurrencies; '' skips Run:ai")
     parser.add_argument("--scaling", default="1024,8192", help="model sizes (MiB); '' skips")
     parser.add_argument("--attach-runs", type=int, default=50, help="0 skips warm attach")
+    parser.add_argument("--device", default="cpu", help="where tensors land: cpu or cuda:N")
     parser.add_argument("--workdir", type=Path, help="keep models and S3 data here across runs")
     parser.add_argument("--json", type=Path, default=Path("/tmp/bench_load.json"))
     parser.add_argument("--png", type=Path, default=Path("/tmp/bench_load.png"))
