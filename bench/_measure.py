@@ -10,7 +10,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -81,7 +81,7 @@ class _Sampler(threading.Thread):
             with contextlib.suppress(OSError):
                 self.sample()
 
-    def __enter__(self) -> _Sampler:
+    def __enter__(self) -> Self:
         self.sample()
         self.start()
         return self

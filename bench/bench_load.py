@@ -35,6 +35,8 @@ from _contenders import Contenders, runai_available, shm_files, tensorferry_daem
 from _measure import PeakMemory, Sample, summarize
 
 from tensorferry.client import Client
+from tensorferry.daemon.config import DEFAULT_CHUNK_SIZE
+from tensorferry.daemon.cuda_settings import CudaSettings
 from tensorferry.devtools.seaweed import run_seaweed
 
 ATTACH = Path(__file__).resolve().with_name("bench_attach.py")
@@ -42,6 +44,14 @@ ATTACH = Path(__file__).resolve().with_name("bench_attach.py")
 
 def sizes(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def ring_mib(device: str) -> int:
+    """The daemon's pinned ring at its defaults: none on a CPU host."""
+    if device == "cpu":
+        return 0
+    cuda = CudaSettings()
+    return cuda.ring_slots * (cuda.slot_size or DEFAULT_CHUNK_SIZE) >> 20
 
 
 def rounds(
@@ -126,7 +136,8 @@ def bench(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], dict[st
     return {
         "config": {"device": args.device, "size_mib": args.size_mib, "shards": args.shards,
                    "runs": args.runs, "object_bytes": nbytes, "cpus": os.cpu_count(),
-                   "recycle_mib": recycle, "daemon_instance": c.instance},
+                   "recycle_mib": recycle, "ring_mib": ring_mib(args.device),
+                   "daemon_instance": c.instance},
         "summary": summary,
         "tensorferry": tensorferry_details(warmups["tensorferry"], runs["tensorferry"], idle.peak),
         "scaling": scaled,

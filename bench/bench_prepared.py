@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_load import BUCKET, tensorferry_daemon, tree_cpu
-from bench_load import prepare as upload_model
+from _contenders import BUCKET, tensorferry_daemon, upload_model
+from _measure import tree_cpu
 
 from tensorferry.client import Client
 from tensorferry.devtools.seaweed import run_seaweed
@@ -75,7 +75,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         with run_seaweed(work / "s3") as s3:
-            prefix, _, nbytes = upload_model(work, s3, args.size_mib, args.shards)
+            keys, nbytes = upload_model(work, s3, args.size_mib, args.shards)
+            prefix = keys[0].split("/")[0] + "/"
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
             env |= s3.env() | {"TENSORFERRY_SOCKET": str(work / "tf.sock")}
             plain = f"s3://{BUCKET}/{prefix}"
@@ -92,7 +93,7 @@ def main() -> int:
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
             samples: dict[str, list[tuple[float, int, float]]] = {"plain": [], "prepared": []}
             with (
-                tensorferry_daemon(work, env) as daemon,
+                tensorferry_daemon(work, env, args.size_mib + 64) as daemon,
                 Client(env["TENSORFERRY_SOCKET"]) as client,
             ):
                 for round_ in range(args.runs + 1):
