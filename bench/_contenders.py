@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from _measure import LinkRate, PeakMemory, Sample, children_cpu, cpu_split, tree
 from google.protobuf.json_format import MessageToDict
 
 from tensorferry.client import Client
+from tensorferry.devtools.daemon import run_daemon
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.seaweed import S3Server
 
@@ -93,34 +92,14 @@ def curl_config(s3: S3Server, keys: list[str], path: Path) -> None:
 
 @contextlib.contextmanager
 def tensorferry_daemon(
-    work: Path, env: dict[str, str], recycle_mib: int
+    work: Path, s3: S3Server, recycle_mib: int
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The daemon as examples/demo.py starts it; freed arenas up to ``recycle_mib`` are kept."""
-    config = work / "tensorferry.toml"
-    config.write_text(
-        f'[sources]\nallow = ["s3://{BUCKET}/"]\n[s3]\naddressing_style = "path"\n'
-        f'[memory]\nrecycle = "{recycle_mib}MiB"\n'
-    )
-    socket = Path(env["TENSORFERRY_SOCKET"])
-    with open(work / "daemon.log", "ab") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "tensorferry", "serve", "--config", str(config)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not socket.exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start; see {work / 'daemon.log'}")
-            time.sleep(0.05)
-        yield daemon
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+    with run_daemon(
+        work, s3, [f"s3://{BUCKET}/"], extra_config=f'[memory]\nrecycle = "{recycle_mib}MiB"\n',
+        log=work / "daemon.log",
+    ) as daemon:  # fmt: skip
+        yield daemon.proc
 
 
 def shm_files(instance: str, *, lock: bool = True) -> list[str]:

@@ -38,6 +38,17 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def measured(
+    t0: float, seconds: float, cpu0: float, nbytes: int, tensors: dict[str, torch.Tensor],
+    **extra: float,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "t0": t0, "seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "bytes": nbytes,
+        "tensor_bytes": sum(t.nbytes for t in tensors.values()), "tensors": len(tensors),
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra,
+    }  # fmt: skip
+
+
 def load_tensorferry(uri: str) -> dict[str, Any]:
     from tensorferry.client import Client
 
@@ -78,17 +89,10 @@ def load_boto3(bucket: str, dest: Path, keys: list[str]) -> dict[str, Any]:
         tensors.update(load_file(path, device=DEVICE))
     synchronize()
     seconds = time.monotonic() - t0
-    return {
-        "t0": t0,
-        "seconds": seconds,
-        "cpu_s": cpu_seconds() - cpu0,
-        "bytes": sum(p.stat().st_size for p in paths),
-        "tensor_bytes": sum(t.nbytes for t in tensors.values()),
-        "tensors": len(tensors),
-        "download_seconds": t_download,
-        "load_file_seconds": seconds - t_download,
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return measured(
+        t0, seconds, cpu0, sum(p.stat().st_size for p in paths), tensors,
+        download_seconds=t_download, load_file_seconds=seconds - t_download,
+    )  # fmt: skip
 
 
 def load_runai(uris: list[str]) -> dict[str, Any]:
@@ -103,14 +107,7 @@ def load_runai(uris: list[str]) -> dict[str, Any]:
             tensors[name] = tensor.to(DEVICE, non_blocking=True)
     synchronize()
     seconds = time.monotonic() - t0
-    return {
-        "t0": t0,
-        "seconds": seconds,
-        "cpu_s": cpu_seconds() - cpu0,
-        "bytes": sum(t.nbytes for t in tensors.values()),
-        "tensors": len(tensors),
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return measured(t0, seconds, cpu0, sum(t.nbytes for t in tensors.values()), tensors)
 
 
 def main() -> int:

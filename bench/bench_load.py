@@ -114,7 +114,7 @@ def bench(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], dict[st
         c = Contenders(s3, env, work)
         recycle = max([args.size_mib, *scaling]) + 64
         with (
-            tensorferry_daemon(work, env, recycle) as daemon,
+            tensorferry_daemon(work, s3, recycle) as daemon,
             Client(env["TENSORFERRY_SOCKET"]) as tfc,
         ):
             c.daemon_pid, c.instance = daemon.pid, tfc.status().instance_id

@@ -30,8 +30,9 @@ class DaemonProcess:
 @contextlib.contextmanager
 def run_daemon(
     workdir: Path, s3: S3Server | None, allow: list[str], *, extra_config: str = "",
-    start_timeout: float = 30.0,
+    start_timeout: float = 30.0, log: Path | None = None,
 ) -> Iterator[DaemonProcess]:  # fmt: skip
+    """The daemon on ``workdir / "tf.sock"``; its output goes to ``log`` when given."""
     socket = workdir / "tf.sock"
     config = workdir / "tensorferry.toml"
     allow_toml = ", ".join(f'"{a}"' for a in allow)
@@ -39,15 +40,18 @@ def run_daemon(
         f'[sources]\nallow = [{allow_toml}]\n[s3]\naddressing_style = "path"\n{extra_config}'
     )
     env = {**os.environ, **(s3.env() if s3 else {}), "TENSORFERRY_SOCKET": str(socket)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config)],
-        env=env, start_new_session=True,
-    )  # fmt: skip
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(open(log, "ab")) if log is not None else None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensorferry", "serve", "--config", str(config)],
+            env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + start_timeout
         while not socket.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start (exit status {proc.poll()})")
+                where = f"; see {log}" if log is not None else ""
+                raise RuntimeError(f"the daemon did not start (exit status {proc.poll()}){where}")
             time.sleep(0.05)
         yield DaemonProcess(socket, proc, env)
     finally:
