@@ -93,7 +93,7 @@ def main() -> int:
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
             samples: dict[str, list[tuple[float, int, float]]] = {"plain": [], "prepared": []}
             with (
-                tensorferry_daemon(work, s3, args.size_mib + 64) as daemon,
+                tensorferry_daemon(work, s3, 2 * args.size_mib + 128) as daemon,
                 Client(env["TENSORFERRY_SOCKET"]) as client,
             ):
                 for round_ in range(args.runs + 1):
