@@ -8,7 +8,7 @@ model is evicted after it and the next load waits until it is gone. The table sh
 medians; GB = 1e9 bytes; CPU-s/GB is the daemon's process tree.
 
 Usage: .venv/bin/python bench/bench_prepared.py [--size-mib 1024] [--shards 4] [--runs 3]
-           [--workdir DIR]
+           [--workdir DIR] [--recycle-mib N]
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument(
+        "--recycle-mib", type=int, help="the daemon's [memory] recycle (default: 2x the model)"
+    )
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tf-bench-prepared-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +96,7 @@ def main() -> int:
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
             samples: dict[str, list[tuple[float, int, float]]] = {"plain": [], "prepared": []}
             with (
-                tensorferry_daemon(work, s3, 2 * args.size_mib + 128) as daemon,
+                tensorferry_daemon(work, s3, args.recycle_mib or 2 * args.size_mib + 128) as daemon,
                 Client(env["TENSORFERRY_SOCKET"]) as client,
             ):
                 for round_ in range(args.runs + 1):

@@ -176,3 +176,24 @@ async def test_a_freed_arena_is_reused_mapped_and_shrunk_to_the_next_load(tmp_pa
         sink.release(third, recycle=False)
         assert [p.suffix for p in tmp_path.glob("tensorferry.*")] == [".lock"]
     assert list(tmp_path.glob("tensorferry.*")) == []
+
+
+async def test_a_smaller_freed_arena_grows_into_the_next_load(tmp_path: Path) -> None:
+    from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+
+    mib = 1 << 20
+    async with CpuShmSink(tmp_path, recycle_budget=64 * mib) as sink:
+        first = sink.allocate(2 * mib, "m1")
+        first.view[:4] = b"old!"
+        sink.release(first)
+        grown = sink.allocate(3 * mib, "m2")  # within 2x: the same pages plus a fresh tail
+        assert bytes(grown.view[:4]) == b"old!"
+        assert len(grown.view) == grown.path.stat().st_size == 3 * mib
+        grown.view[-4:] = b"tail"
+        assert sink.recycled_bytes == 0
+        sink.release(grown)
+        fresh = sink.allocate(8 * mib, "m3")  # more than twice: fresh pages, pool kept
+        assert bytes(fresh.view[:4]) == bytes(4)
+        assert sink.recycled_bytes == 3 * mib
+        sink.release(fresh, recycle=False)
+    assert list(tmp_path.glob("tensorferry.*")) == []
