@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -168,8 +169,13 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="where tensors land: cpu or cuda:N")
     parser.add_argument("--workdir", type=Path, help="keep models and S3 data here across runs")
     parser.add_argument("--json", type=Path, default=Path("/tmp/bench_load.json"))
-    parser.add_argument("--png", type=Path, default=Path("/tmp/bench_load.png"))
+    parser.add_argument("--png", default="/tmp/bench_load.png", help="'' skips the chart")
     args = parser.parse_args()
+    if args.png and importlib.util.find_spec("matplotlib") is None:
+        parser.error(
+            "the chart needs matplotlib: .venv/bin/pip install -c constraints.txt -e '.[bench]' "
+            "(or --png '' to skip it)"
+        )
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
             work = Path(
@@ -191,8 +197,10 @@ def main() -> int:
         dict(zip(("what", "measured", "wanted", "met"), r, strict=True)) for r in rows
     ]
     args.json.write_text(json.dumps(result, indent=2))
-    _report.draw(runs, rows, args.png)
-    print(f"\nraw numbers: {args.json}\nchart: {args.png}")
+    print(f"\nraw numbers: {args.json}")
+    if args.png:
+        _report.draw(runs, rows, Path(args.png))
+        print(f"chart: {args.png}")
     return 0
 
 
