@@ -149,36 +149,31 @@ def test_good_header() -> None:
     assert h.data_len == 16
 
 
-async def test_a_freed_arena_is_reused_mapped_and_shrunk_to_the_next_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("before", "after"), [(3, 2), (2, 3)], ids=["shrinks", "grows"])
+async def test_a_freed_arena_is_reused_mapped_and_resized_to_the_next_load(
+    tmp_path: Path, before: int, after: int
+) -> None:
     from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
 
     mib = 1 << 20
     async with CpuShmSink(tmp_path, recycle_budget=8 * mib) as sink:
-        first = sink.allocate(3 * mib, "m1")
+        first = sink.allocate(before * mib, "m1")
         first.view[:4] = b"old!"
         sink.release(first)
-        assert sink.recycled_bytes == 3 * mib
+        assert sink.recycled_bytes == before * mib
         (freed,) = tmp_path.glob("*.free*")
-        second = sink.allocate(2 * mib, "m2")  # fits: same pages, tail given back
+        second = sink.allocate(after * mib, "m2")  # the same pages, resized to fit
         assert bytes(second.view[:4]) == b"old!"
-        assert len(second.view) == second.path.stat().st_size == 2 * mib
+        assert len(second.view) == second.path.stat().st_size == after * mib
+        second.view[-4:] = b"tail"
         assert not freed.exists()
         assert sink.recycled_bytes == 0
-        # A slice still exported (a failed fetch's traceback) blocks the shrink: the pool
-        # entry is dropped and the load gets fresh, zeroed pages.
-        stray = second.view[:8]
-        sink.release(second)
-        third = sink.allocate(1 * mib, "m3")
-        assert bytes(third.view[:4]) == bytes(4)
-        assert list(tmp_path.glob("*.free*")) == []
-        assert sink.recycled_bytes == 0
-        stray.release()
-        sink.release(third, recycle=False)
+        sink.release(second, recycle=False)
         assert [p.suffix for p in tmp_path.glob("tensorferry.*")] == [".lock"]
     assert list(tmp_path.glob("tensorferry.*")) == []
 
 
-async def test_a_smaller_freed_arena_grows_into_the_next_load(tmp_path: Path) -> None:
+async def test_a_load_gets_fresh_pages_when_no_freed_arena_can_serve(tmp_path: Path) -> None:
     from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
 
     mib = 1 << 20
@@ -186,14 +181,20 @@ async def test_a_smaller_freed_arena_grows_into_the_next_load(tmp_path: Path) ->
         first = sink.allocate(2 * mib, "m1")
         first.view[:4] = b"old!"
         sink.release(first)
-        grown = sink.allocate(3 * mib, "m2")  # within 2x: the same pages plus a fresh tail
-        assert bytes(grown.view[:4]) == b"old!"
-        assert len(grown.view) == grown.path.stat().st_size == 3 * mib
-        grown.view[-4:] = b"tail"
-        assert sink.recycled_bytes == 0
-        sink.release(grown)
-        fresh = sink.allocate(8 * mib, "m3")  # more than twice: fresh pages, pool kept
+        big = sink.allocate(8 * mib, "m2")  # more than twice the freed one: the pool keeps it
+        assert bytes(big.view[:4]) == bytes(4)
+        assert sink.recycled_bytes == 2 * mib
+        sink.release(big, recycle=False)
+        # A slice still exported (a failed fetch's traceback) blocks the resize: the pool
+        # entry is dropped and the load gets fresh, zeroed pages.
+        again = sink.allocate(3 * mib, "m3")
+        assert bytes(again.view[:4]) == b"old!"
+        stray = again.view[:8]
+        sink.release(again)
+        fresh = sink.allocate(2 * mib, "m4")
         assert bytes(fresh.view[:4]) == bytes(4)
-        assert sink.recycled_bytes == 3 * mib
+        assert list(tmp_path.glob("*.free*")) == []
+        assert sink.recycled_bytes == 0
+        stray.release()
         sink.release(fresh, recycle=False)
     assert list(tmp_path.glob("tensorferry.*")) == []
