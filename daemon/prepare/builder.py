@@ -39,6 +39,7 @@ class ObjectBuilder:
         self._buf = bytearray(min(self.part_size, size))
         self._fill = 0
         self.ready: list[tuple[int, bytes]] = []  # (part number, bytes) to upload
+        self._held: dict[int, bytearray] = {}  # id(slice) -> its bytes, until its turn
 
     def _emit(self, data: memoryview) -> None:
         while data:
@@ -68,7 +69,25 @@ class ObjectBuilder:
                 return s
         raise AssertionError("an output object got bytes past its last slice")
 
-    def write(self, data: memoryview) -> None:
+    def write(self, data: memoryview, slice: OutSlice | None = None) -> None:
+        """The next bytes of ``slice`` (None: of the slice in offset order)."""
+        if slice is not None and not self._is_next(slice):
+            # A small tensor held back (see layout.make_layout): its place comes later.
+            self._held.setdefault(id(slice), bytearray()).extend(data)
+            return
+        self._write_in_order(data)
+        while self._slice is None:
+            following = next((q for q in self._queue if q.nbytes), None)
+            if following is None or id(following) not in self._held:
+                return
+            self._write_in_order(memoryview(self._held.pop(id(following))))
+
+    def _is_next(self, s: OutSlice) -> bool:
+        if self._slice is not None:
+            return self._slice is s
+        return next((q for q in self._queue if q.nbytes), None) is s
+
+    def _write_in_order(self, data: memoryview) -> None:
         while data:
             s = self._slice or self._next_slice()
             take = min(
@@ -87,7 +106,7 @@ class ObjectBuilder:
 
     def finish(self) -> None:
         """Check every slice got its bytes; pad to the object's size; flush the last part."""
-        if self._slice is not None or any(s.nbytes for s in self._queue):
+        if self._slice is not None or self._held or any(s.nbytes for s in self._queue):
             raise AssertionError("an output object ended before all its slices were written")
         self._queue.clear()
         self._pad_to(self.size)  # the last part is sized to end exactly here

@@ -2,8 +2,9 @@
 gets it there.
 
 Each source file is read once, front to back, in pieces of at most ``BLOCK`` bytes; each
-piece says where its bytes go. Slices are written in source order, so every output object
-is written front to back too, and memory stays bounded by the pieces in flight.
+piece says where its bytes go. Slices are written in source order, except small tensors
+held back to fill the gap before a large tensor on the chunk grid (at most ``HOLD_BYTES``),
+so every output object is written front to back too, and memory stays bounded.
 """
 
 from __future__ import annotations
@@ -49,19 +50,24 @@ class OutTensor:
 
 
 class Sink(Protocol):
-    """What an output object offers a route (an ``ObjectBuilder``)."""
+    """What an output object offers a route (an ``ObjectBuilder``).
 
-    def write(self, data: memoryview) -> None: ...
+    ``slice`` names the slice the bytes belong to when it may come out of offset order
+    (a small tensor held back, see ``make_layout``); None means the next one in order.
+    """
+
+    def write(self, data: memoryview, slice: OutSlice | None = None) -> None: ...
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class ToObject:
-    """All of the piece's bytes, in order, to one object."""
+    """All of the piece's bytes, in order, to one slice of one object."""
 
     object: int
+    slice: OutSlice | None = None
 
     def apply(self, data: memoryview, sinks: Sequence[Sink]) -> None:
-        sinks[self.object].write(data)
+        sinks[self.object].write(data, self.slice)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -154,21 +160,66 @@ def _split_pieces(
     return pieces
 
 
-def make_layout(source: Source, plan: ShardPlan | None, world: int, align: int) -> Layout:
+#: Small tensors held back to fill the gap before a large one, at most this many bytes
+#: (the writer keeps their bytes until their place comes).
+HOLD_BYTES = 16 << 20
+
+
+class _Placer:
+    """Offsets in one object: tensors of a chunk or more start on the chunk grid.
+
+    Stores keep objects as 8 MiB parts; a range GET across two costs the server twice (see
+    daemon/planner.py). A large tensor goes to the next grid line when the gap before it
+    can be filled with small tensors held back from earlier, or costs at most 1/16 of the
+    tensor in padding; small tensors otherwise follow at ``align``.
+    """
+
+    def __init__(self, obj: int, align: int, grid: int, out: list[OutSlice]) -> None:
+        self.obj, self.align, self.grid, self.out = obj, align, grid, out
+        self.cursor = 0
+        self.held: list[OutSlice] = []
+
+    def _put(self, s: OutSlice, offset: int) -> None:
+        s.offset = offset
+        self.cursor = offset + s.nbytes
+        self.out.append(s)
+
+    def place(self, shape: tuple[int, ...], nbytes: int) -> OutSlice:
+        s = OutSlice(self.obj, 0, shape, nbytes)
+        if nbytes < self.grid:
+            self.held.append(s)
+            if sum(h.nbytes for h in self.held) > HOLD_BYTES:
+                self.flush()
+            return s
+        line = align_up(self.cursor, self.grid)
+        for h in list(self.held):  # fill the gap, in order
+            at = align_up(self.cursor, self.align)
+            if at + h.nbytes <= line:
+                self.held.remove(h)
+                self._put(h, at)
+        if line - align_up(self.cursor, self.align) <= nbytes // 16:
+            self._put(s, line)
+        else:
+            self._put(s, align_up(self.cursor, self.align))
+        return s
+
+    def flush(self) -> None:
+        for h in self.held:
+            self._put(h, align_up(self.cursor, self.align))
+        self.held.clear()
+
+
+def make_layout(
+    source: Source, plan: ShardPlan | None, world: int, align: int, grid: int
+) -> Layout:
     objects = [DataObject(SHARED_NAME, 0, SHARED)]
     if plan is not None:
         objects += [DataObject(rank_object_name(r, world), 0, r) for r in range(world)]
-    cursors = [0] * len(objects)
     per_object: list[list[OutSlice]] = [[] for _ in objects]
+    placers = [_Placer(i, align, grid, per_object[i]) for i in range(len(objects))]
     tensors: list[OutTensor] = []
     pieces: list[Piece] = []
     seen: dict[str, str] = {}
-
-    def place(obj: int, shape: tuple[int, ...], nbytes: int) -> OutSlice:
-        s = OutSlice(obj, align_up(cursors[obj], align), shape, nbytes)
-        cursors[obj] = s.offset + nbytes
-        per_object[obj].append(s)
-        return s
 
     for file, (obj, header) in enumerate(source.files):
         pos = 0
@@ -186,16 +237,22 @@ def make_layout(source: Source, plan: ShardPlan | None, world: int, align: int) 
             split = plan.split_for(t.name, t.shape, world) if plan is not None else None
             size = DTYPE_SIZES[t.dtype]
             if split is None:
-                slices = [place(0, t.shape, t.nbytes)]
-                pieces.extend(_cut(file, begin, t.nbytes, ToObject(0)))
+                slices = [placers[0].place(t.shape, t.nbytes)]
+                pieces.extend(_cut(file, begin, t.nbytes, ToObject(0, slices[0])))
             else:
+                # Rank objects are written strictly in order: no holding back there.
                 shapes = [slice_shape(t.shape, split, world, r) for r in range(world)]
-                slices = [place(r + 1, s, math.prod(s) * size) for r, s in enumerate(shapes)]
+                slices = []
+                for r, shape in enumerate(shapes):
+                    slices.append(placers[r + 1].place(shape, math.prod(shape) * size))
+                    placers[r + 1].flush()
                 if t.nbytes:
                     pieces.extend(_split_pieces(
                         file, begin, t.shape, size, split, world, list(range(1, world + 1))
                     ))  # fmt: skip
             tensors.append(OutTensor(t.name, t.dtype, t.shape, split, slices))
         pieces.extend(_cut(file, pos, obj.size - pos, None))
-    sized = [dataclasses.replace(o, size=c) for o, c in zip(objects, cursors, strict=True)]
+    for placer in placers:
+        placer.flush()
+    sized = [dataclasses.replace(o, size=p.cursor) for o, p in zip(objects, placers, strict=True)]
     return Layout(sized, tensors, pieces, per_object)

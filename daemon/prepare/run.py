@@ -221,7 +221,7 @@ async def run_prepare(
     if is_prepared(listing):
         raise InvalidRequest(f"{o.src} is already a prepared artifact: give the safetensors")
     source = await read_source(ref, store, listing)
-    layout = make_layout(source, o.plan, o.world_size, o.align)
+    layout = make_layout(source, o.plan, o.world_size, o.align, o.chunk_size)
     copy, hash_only, skipped = _partition(source)
     total = layout.source_bytes + sum(f.size for f in copy + hash_only)
     done = 0
