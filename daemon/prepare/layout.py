@@ -178,6 +178,7 @@ class _Placer:
         self.obj, self.align, self.grid, self.out = obj, align, grid, out
         self.cursor = 0
         self.held: list[OutSlice] = []
+        self.held_bytes = 0
 
     def _put(self, s: OutSlice, offset: int) -> None:
         s.offset = offset
@@ -188,15 +189,19 @@ class _Placer:
         s = OutSlice(self.obj, 0, shape, nbytes)
         if nbytes < self.grid:
             self.held.append(s)
-            if sum(h.nbytes for h in self.held) > HOLD_BYTES:
+            self.held_bytes += nbytes
+            if self.held_bytes > HOLD_BYTES:
                 self.flush()
             return s
         line = align_up(self.cursor, self.grid)
-        for h in list(self.held):  # fill the gap, in order
-            at = align_up(self.cursor, self.align)
-            if at + h.nbytes <= line:
-                self.held.remove(h)
-                self._put(h, at)
+        keep: list[OutSlice] = []
+        for h in self.held:  # fill the gap, in order
+            if align_up(self.cursor, self.align) + h.nbytes <= line:
+                self._put(h, align_up(self.cursor, self.align))
+                self.held_bytes -= h.nbytes
+            else:
+                keep.append(h)
+        self.held = keep
         if line - align_up(self.cursor, self.align) <= nbytes // 16:
             self._put(s, line)
         else:
@@ -207,6 +212,7 @@ class _Placer:
         for h in self.held:
             self._put(h, align_up(self.cursor, self.align))
         self.held.clear()
+        self.held_bytes = 0
 
 
 def make_layout(
