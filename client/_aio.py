@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 import grpc
 
 from tensorferry import _env
-from tensorferry.client._client import CHANNEL_OPTIONS, LoadedModel, ProgressFn, attach_model
+from tensorferry._peer import PEER_KEY, peer_socket, peer_token
+from tensorferry.client._client import (
+    CHANNEL_OPTIONS,
+    LoadedModel,
+    ProgressFn,
+    attach_model,
+    lease_end_of,
+)
 from tensorferry.errors import DaemonUnavailable, daemon_not_running, from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
@@ -30,6 +37,15 @@ class AsyncClient:
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LoaderStub(self._channel)
         self._leases: set[grpc.aio.UnaryStreamCall[pb.LoadRequest, pb.LoadEvent]] = set()
+        self._ends: set[asyncio.Task[None]] = set()
+
+    async def _peer(self) -> tuple[tuple[str, str], ...]:
+        """Who this process is, for Load and Release (see ``Client._peer``)."""
+        try:
+            token = await asyncio.to_thread(peer_token, self.socket)
+        except OSError as exc:
+            raise daemon_not_running(self.socket, f"{peer_socket(self.socket)}: {exc}") from None
+        return ((PEER_KEY, token),) if token else ()
 
     async def load(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
@@ -48,7 +64,7 @@ class AsyncClient:
             uri=uri, device=device, client_name=name, select=select, rank=rank,
             world_size=world_size, gpu_uuids=target.uuids if target else (),
         )  # fmt: skip
-        call = self._stub.Load(request)
+        call = self._stub.Load(request, metadata=await self._peer())
         table: list[pb.TensorInfo] = []
         try:
             async with asyncio.timeout(timeout):
@@ -82,7 +98,28 @@ class AsyncClient:
             with contextlib.suppress(RuntimeError):  # loop already closed: lease ended
                 loop.call_soon_threadsafe(cancel)
 
-        return attach_model(ready, target, table, end_lease)
+        ended: list[str] = []
+
+        async def record_end() -> None:
+            ended.append(lease_end_of(await call.code(), await call.trailing_metadata()))
+
+        def on_done(_: object) -> None:
+            # The status is in; reading it is a coroutine, so the answer comes a moment later.
+            task = loop.create_task(record_end())
+            self._ends.add(task)
+            task.add_done_callback(self._ends.discard)
+
+        call.add_done_callback(on_done)
+        return attach_model(ready, target, table, end_lease, lambda: ended[0] if ended else None)
+
+    async def release(self, lease_id: str) -> bool:
+        """End a lease this process holds (LeaseNotOwned for another process's)."""
+        request = pb.ReleaseRequest(lease_id=lease_id)
+        try:
+            response = await self._stub.Release(request, timeout=10, metadata=await self._peer())
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
+        return bool(response.released)
 
     async def status(self) -> pb.StatusResponse:
         try:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from tensorferry import _env
+from tensorferry._peer import LEASE_END_KEY, PEER_KEY, peer_socket, peer_token
 from tensorferry.errors import (
     DaemonUnavailable,
     FailedPrecondition,
@@ -81,7 +82,13 @@ class LoadedModel:
     gone, so a tensor kept past ``close()`` stays valid.
     """
 
-    def __init__(self, ready: pb.Ready, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        ready: pb.Ready,
+        tensors: dict[str, torch.Tensor],
+        lease_end: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self._lease_end = lease_end
         self.model_id = ready.model_id
         self.lease_id = ready.lease_id
         self.total_bytes = ready.total_bytes
@@ -89,6 +96,13 @@ class LoadedModel:
         self.seconds = ready.seconds
         self.files = list(ready.files)
         self.tensors = tensors
+
+    @property
+    def lease_end(self) -> str | None:
+        """None while the lease is held; then why it ended: "released" (Release),
+        "shutdown" (the daemon stopped), "closed" (this process ended it), "lost" (the
+        connection to the daemon broke)."""
+        return self._lease_end()
 
     def close(self) -> None:
         self.tensors = {}
@@ -126,8 +140,20 @@ def collect(
     raise DaemonUnavailable("the daemon ended the load without a ready event")
 
 
+def lease_end_of(code: grpc.StatusCode, trailers: Any) -> str:
+    """Why a finished lease stream ended (``LoadedModel.lease_end``)."""
+    for key, value in trailers or ():
+        if key == LEASE_END_KEY:
+            return str(value)
+    return "closed" if code == grpc.StatusCode.CANCELLED else "lost"
+
+
 def attach_model(
-    ready: pb.Ready, target: Any, table: list[pb.TensorInfo], end_lease: Callable[[], None]
+    ready: pb.Ready,
+    target: Any,
+    table: list[pb.TensorInfo],
+    end_lease: Callable[[], None],
+    lease_end: Callable[[], str | None] = lambda: None,
 ) -> LoadedModel:
     """Map the ready event's grant and build the views; the lease ends if mapping fails."""
     # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
@@ -138,7 +164,7 @@ def attach_model(
     except BaseException:
         end_lease()
         raise
-    return LoadedModel(ready, build_views(flat, table))
+    return LoadedModel(ready, build_views(flat, table), lease_end)
 
 
 class Client:
@@ -165,14 +191,26 @@ class Client:
         self._channel: _Channel | None = _Channel(self.socket, tcp, tls)
         self._stub = pb_grpc.LoaderStub(self._channel.channel)
 
+    def _peer(self) -> tuple[tuple[str, str], ...]:
+        """Who this process is, for calls on leases (over TCP the connection says it)."""
+        if self.tcp is not None:
+            return ()
+        try:
+            token = peer_token(self.socket)
+        except OSError as exc:
+            raise daemon_not_running(self.socket, f"{peer_socket(self.socket)}: {exc}") from None
+        return ((PEER_KEY, token),) if token else ()
+
     def _check_socket(self) -> None:
         if self.tcp is None and not os.path.exists(self.socket):
             raise daemon_not_running(self.socket, "no socket file")
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+    def _call(
+        self, method: Callable[..., Any], request: Any, timeout: float | None, *, peer: bool = False
+    ) -> Any:
         self._check_socket()
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self._peer() if peer else ())
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.socket) from None
 
@@ -203,7 +241,7 @@ class Client:
             uri=uri, device=device, client_name=name, select=select, rank=rank,
             world_size=world_size, gpu_uuids=target.uuids if target else (),
         )  # fmt: skip
-        call = self._stub.Load(request)
+        call = self._stub.Load(request, metadata=self._peer())
         timer = threading.Timer(timeout, call.cancel) if timeout else None
         if timer is not None:
             timer.daemon = True
@@ -235,7 +273,10 @@ class Client:
             call.cancel()
             channel.release()
 
-        return attach_model(ready, target, table, end_lease)
+        def lease_end() -> str | None:
+            return lease_end_of(call.code(), call.trailing_metadata()) if call.done() else None
+
+        return attach_model(ready, target, table, end_lease, lease_end)
 
     def preload(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
@@ -278,14 +319,19 @@ class Client:
         return b"".join(parts)
 
     def release(self, lease_id: str) -> bool:
-        response = self._call(self._stub.Release, pb.ReleaseRequest(lease_id=lease_id), 10)
+        """End a lease this process holds (LeaseNotOwned for another process's)."""
+        response = self._call(
+            self._stub.Release, pb.ReleaseRequest(lease_id=lease_id), 10, peer=True
+        )
         return bool(response.released)
 
     def list(self) -> list[pb.ModelInfo]:
         return list(self._call(self._stub.List, pb.ListRequest(), 10).models)
 
-    def evict(self, model: str) -> pb.EvictResponse:
-        response: pb.EvictResponse = self._call(self._stub.Evict, pb.EvictRequest(model=model), 10)
+    def evict(self, model: str, client_name: str = "") -> pb.EvictResponse:
+        """Evict by model id or URI; requests waiting for it are told ``client_name``."""
+        request = pb.EvictRequest(model=model, client_name=client_name or f"pid {os.getpid()}")
+        response: pb.EvictResponse = self._call(self._stub.Evict, request, 10)
         return response
 
     def status(self) -> pb.StatusResponse:

@@ -22,6 +22,7 @@ from tensorferry.errors import InvalidRequest
 MiB = 1 << 20
 DEFAULT_CHUNK_SIZE = 8 * MiB
 DEFAULT_CONCURRENCY = 32
+DEFAULT_MAX_TENSORS = 200_000
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}  # fmt: skip
@@ -106,10 +107,18 @@ class Limits:
     #: Cold loads one client (by its declared name) may have fetching at once. Clients
     #: name themselves, so this is fairness among cooperating workers, not a security limit.
     max_loads_per_client: int = 4
-    #: gRPC calls open at once (each worker lease is one open call).
-    max_concurrent_rpcs: int = 4096
+    #: Leases held at once: each worker's Load stream, from its request until it ends.
+    max_leases: int = 4096
+    #: Status, List, Release and Evict calls open at once: a class of their own, so
+    #: operators keep control while the leases are full.
+    max_control_calls: int = 64
+    #: Preload and GetFile calls open at once.
+    max_transfer_calls: int = 256
     #: Largest request message the daemon accepts.
     max_request_bytes: int = 4 << 20
+    #: Tensors one model (all its shards) may have. Every tensor costs header parsing and
+    #: memory while resident; the largest public checkpoints have tens of thousands.
+    max_tensors: int = DEFAULT_MAX_TENSORS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,6 +166,10 @@ class Settings:
             raise ConfigError(f"s3.attempts: must be 1..100, got {self.s3.attempts}")
         if not 64 * 1024 <= self.s3.chunk_size <= 1 << 30:
             raise ConfigError(f"s3.chunk_size: must be 64KiB..1GiB, got {self.s3.chunk_size}")
+        if self.limits.max_tensors < 1:
+            raise ConfigError(
+                f"limits.max_tensors: must be 1 or more, got {self.limits.max_tensors}"
+            )
         if len(str(self.socket).encode()) > 107:
             raise ConfigError(
                 f"socket: Unix socket paths are limited to 107 bytes, got {self.socket}"
@@ -278,10 +291,14 @@ def load_settings(
             max_model_bytes=parse_size(limits.get("max_model_bytes", 0), "limits.max_model_bytes"),
             max_concurrent_loads=int(limits.get("max_concurrent_loads", 8)),
             max_loads_per_client=int(limits.get("max_loads_per_client", 4)),
-            max_concurrent_rpcs=int(limits.get("max_concurrent_rpcs", 4096)),
+            # max_concurrent_rpcs: its old name, from when every call counted against it.
+            max_leases=int(limits.get("max_leases", limits.get("max_concurrent_rpcs", 4096))),
+            max_control_calls=int(limits.get("max_control_calls", 64)),
+            max_transfer_calls=int(limits.get("max_transfer_calls", 256)),
             max_request_bytes=parse_size(
                 limits.get("max_request_bytes", 4 << 20), "limits.max_request_bytes"
             ),
+            max_tensors=int(limits.get("max_tensors", DEFAULT_MAX_TENSORS)),
         ),
         s3=s3_settings,
         log_level=_env.log_level() or str(data.get("log_level", "INFO")),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from tensorferry.daemon.safetensors import DTYPE_SIZES, TensorEntry
 from tensorferry.daemon.source import Source
 from tensorferry.daemon.store.base import ObjectInfo
-from tensorferry.errors import InvalidArtifact, InvalidRequest
+from tensorferry.errors import InvalidArtifact, InvalidRequest, quote
 
 ARENA_ALIGN = 4096
 
@@ -115,7 +115,7 @@ def make_plan(source: Source, chunk_size: int, select: tuple[str, ...] = ()) -> 
         for t in header.tensors:
             if t.name in seen:
                 raise InvalidArtifact(
-                    f"{source.ref.uri}: tensor {t.name!r} appears in both {seen[t.name]} "
+                    f"{source.ref.uri}: tensor {quote(t.name)} appears in both {seen[t.name]} "
                     f"and {obj.key}"
                 )
             seen[t.name] = obj.key
@@ -141,6 +141,6 @@ def make_plan(source: Source, chunk_size: int, select: tuple[str, ...] = ()) -> 
         cursor = slot + t.nbytes
     for pattern in select:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in matched):
-            raise InvalidRequest(f"{source.ref.uri}: selection {pattern!r} matches no tensor")
+            raise InvalidRequest(f"{source.ref.uri}: selection {quote(pattern)} matches no tensor")
     tensors.sort(key=lambda t: t.name)
     return Plan(tuple(tensors), tuple(ranges), align_up(max(cursor, 1)))

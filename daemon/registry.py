@@ -1,8 +1,10 @@
 """Resident models and their leases.
 
-A model is keyed by (source URI, source version, device). States: loading -> ready ->
-evicting. Concurrent loads of one key share one fetch; a lease is held by an open Load
-stream; an arena is freed only when its model is evicted and no lease holds it.
+A model is keyed by what it holds (``identity``): its weight objects and their version,
+the tensors selected, the device and rank. States: loading -> ready -> evicting.
+Concurrent loads of one key share one fetch; a lease is held by an open Load stream; an
+arena is freed only when its model is evicted and no lease holds it. Evicting a model
+that is still loading cancels its fetch, and its waiters fail with ``ModelEvicted``.
 
 A preload onto several GPUs starts one load for all of them: the first model runs it and
 the others (its ``fan_out``) become ready, or fail, with it.
@@ -25,7 +27,7 @@ from tensorferry.daemon.logs import log_load
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
 from tensorferry.daemon.sinks.cuda import CudaArena
-from tensorferry.errors import ModelNotFound, ResourceExhausted
+from tensorferry.errors import ModelEvicted, ModelNotFound, ResourceExhausted
 
 if TYPE_CHECKING:
     from tensorferry.cuda import DeviceInfo
@@ -42,9 +44,12 @@ class State(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelKey:
-    uri: str
+    #: The store location and its weight objects (``identity.weights_id``), not the URI
+    #: typed: a directory and its single model.safetensors are one model.
+    weights: str
     version: str
     device: str
+    #: () for every tensor, else the selected tensor set (``TensorNames.selection_key``).
     select: tuple[str, ...] = ()
     #: A prepared artifact's shards: this rank's, of world_size (0: no rank, everything).
     rank: int = 0
@@ -55,6 +60,8 @@ class ModelKey:
 class Model:
     id: str
     key: ModelKey
+    #: The URI of the request that started the load (shown in List and Status).
+    uri: str
     state: State = State.LOADING
     loaded: Loaded | None = None
     done: asyncio.Future[Loaded] = dataclasses.field(
@@ -79,6 +86,28 @@ class Model:
     fan_out: list[Model] = dataclasses.field(default_factory=list)
     created: float = dataclasses.field(default_factory=time.monotonic)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
+    #: Every normalised URI that resolved to this model (Evict accepts any of them).
+    aliases: set[str] = dataclasses.field(default_factory=set)
+    #: Who evicted the model while it was loading (their waiters are told).
+    evicted_by: str = ""
+
+    def named(self, what: str) -> bool:
+        return what == self.id or what == self.uri or what in self.aliases
+
+    def evicted_error(self) -> ModelEvicted:
+        return ModelEvicted(
+            f"{self.uri} was evicted by {self.evicted_by or 'an Evict call'} before it was "
+            f"ready (model {self.id}); load it again"
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Eviction:
+    ids: list[str]
+    #: Leases still holding an evicted arena: it is freed when the last one ends.
+    pending_leases: int
+    #: Requests that were waiting for an evicted model: they fail with ModelEvicted.
+    refused_waiters: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,8 +167,8 @@ class Registry:
         return self._by_key.get(key)
 
     def get_or_start(
-        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]], client: str = "",
-        fan_out: Sequence[ModelKey] = (),
+        self, key: ModelKey, uri: str, load: Callable[[Model], Awaitable[Loaded]],
+        client: str = "", fan_out: Sequence[ModelKey] = (),
     ) -> tuple[Model, bool]:  # fmt: skip
         """The model for ``key`` and whether it was already there (loading or ready).
 
@@ -152,8 +181,9 @@ class Registry:
         model = self._by_key.get(key)
         if model is not None:
             model.last_used = time.monotonic()
+            model.aliases.add(uri)
             if missing:
-                self._start(missing[0], load, client, missing[1:]).keep = True
+                self._start(missing[0], uri, load, client, missing[1:]).keep = True
             return model, True
         if self.max_loads and len(self._loads) >= self.max_loads:
             raise ResourceExhausted(
@@ -167,21 +197,24 @@ class Registry:
                 f"client ([limits] max_loads_per_client = {self.max_per_client}); retry when "
                 "one finishes"
             )
-        return self._start(key, load, client, missing), False
+        return self._start(key, uri, load, client, missing), False
 
-    def _new(self, key: ModelKey, client: str) -> Model:
-        model = Model(id=f"m{next(self._seq)}-{key.version[:8]}", key=key, client=client)
+    def _new(self, key: ModelKey, uri: str, client: str) -> Model:
+        model = Model(
+            id=f"m{next(self._seq)}-{key.version[:8]}", key=key, uri=uri, client=client,
+            aliases={uri},
+        )  # fmt: skip
         self._by_key[key] = model
         self._all[model.id] = model
         return model
 
     def _start(
-        self, key: ModelKey, load: Callable[[Model], Awaitable[Loaded]], client: str,
-        fan_out: Sequence[ModelKey],
+        self, key: ModelKey, uri: str, load: Callable[[Model], Awaitable[Loaded]],
+        client: str, fan_out: Sequence[ModelKey],
     ) -> Model:  # fmt: skip
-        model = self._new(key, client)
+        model = self._new(key, uri, client)
         for k in fan_out:
-            follower = self._new(k, client)
+            follower = self._new(k, uri, client)
             follower.keep = True  # fan-out is for preloads: nobody waits on it to cancel
             model.fan_out.append(follower)
         task = self._tasks.create_task(self._run(model, load))
@@ -196,7 +229,7 @@ class Registry:
             loaded = await load(model)
         except BaseException as exc:
             for m in group:
-                self._fail(m, exc)
+                self._fail(m, exc, model.evicted_by)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -208,10 +241,14 @@ class Registry:
             m.done.set_result(m.loaded)
             self._maybe_free(m)  # evicted while it was loading
 
-    def _fail(self, model: Model, exc: BaseException) -> None:
+    def _fail(self, model: Model, exc: BaseException, evicted_by: str = "") -> None:
         self._forget(model)
         if model.done.done():
             pass
+        elif isinstance(exc, asyncio.CancelledError) and evicted_by:
+            model.evicted_by = evicted_by
+            model.done.set_exception(model.evicted_error())
+            model.done.exception()  # waiters may all be gone; mark it retrieved
         elif isinstance(exc, asyncio.CancelledError):
             model.done.cancel()
         else:
@@ -223,7 +260,7 @@ class Registry:
         model.waiters -= 1
         idle = model.waiters == 0 and not model.keep and model.state is State.LOADING
         if idle and model.task is not None and not model.task.done():
-            log.info("no one waits for %s any more: stopping its fetch", model.key.uri)
+            log.info("no one waits for %s any more: stopping its fetch", model.uri)
             self._forget(model)  # a request arriving now starts a fresh load
             model.task.cancel()
 
@@ -248,21 +285,35 @@ class Registry:
                 return model
         return None
 
-    def evict(self, what: str) -> tuple[list[str], int]:
-        """Evict models by id or URI; returns their ids and the leases still holding them."""
-        matches = [m for m in self._all.values() if what in (m.id, m.key.uri)]
+    def named(self, what: str) -> bool:
+        return any(m.named(what) for m in self._all.values())
+
+    def evict(self, what: str, by: str = "", weights: str = "") -> Eviction:
+        """Evict models by id or (normalised) URI, or all models of ``weights``.
+
+        A model still loading stops fetching, and the requests waiting for it fail with
+        ModelEvicted naming ``by``; a ready one is freed when its last lease ends.
+        """
+        matches = [m for m in self._all.values() if m.named(what) or m.key.weights == weights]
         if not matches:
             raise ModelNotFound(
                 f"no resident model {what!r}; `tensorferry ls` lists model ids and URIs"
             )
-        pending = 0
+        pending = refused = 0
         for model in matches:
             if self._by_key.get(model.key) is model:
                 del self._by_key[model.key]  # new loads of this URI fetch afresh
+            # Waiters wake to an evicted model and are refused (service._events).
+            refused += model.waiters
+            model.evicted_by = by
+            if model.state is State.LOADING and model.task is not None:
+                if not model.task.done():
+                    model.task.cancel()  # _run fails the group with ModelEvicted
+                continue
             model.state = State.EVICTING
             pending += len(model.leases)
             self._maybe_free(model)
-        return [m.id for m in matches], pending
+        return Eviction([m.id for m in matches], pending, refused)
 
     def reclaim(self, needed: int, device: str = "cpu") -> None:
         """Evict ready models on ``device`` that nobody holds, least recently used first,
@@ -279,14 +330,14 @@ class Registry:
                 break
             assert model.loaded is not None
             freed += model.loaded.arena.size
-            log.info("evicting %s (least recently used) to make room", model.key.uri)
-            self.evict(model.id)
+            log.info("evicting %s (least recently used) to make room", model.uri)
+            self.evict(model.id, "the daemon, to make room")
 
     def _maybe_free(self, model: Model) -> None:
         if model.state is State.EVICTING and not model.leases and model.loaded is not None:
             self._release(model.loaded, recycle=not model.released_early)
             self._all.pop(model.id, None)
-            log.info("freed model %s (%s)", model.id, model.key.uri)
+            log.info("freed model %s (%s)", model.id, model.uri)
 
     def _release(self, loaded: Loaded, *, recycle: bool) -> None:
         arena = loaded.arena

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from tensorferry.daemon.manifest import MAX_WORLD_SIZE, RESERVED_PREFIX
 from tensorferry.daemon.store.base import ObjectInfo
-from tensorferry.errors import InvalidRequest
+from tensorferry.errors import InvalidRequest, quote
 
 MAX_PATTERNS = 10_000
 
@@ -16,7 +16,7 @@ def check_select(patterns: Sequence[str]) -> tuple[str, ...]:
         raise InvalidRequest(f"a selection may have at most {MAX_PATTERNS} names or patterns")
     for p in patterns:
         if not p or len(p) > 1024:
-            raise InvalidRequest(f"selection entry {p[:64]!r} must be 1..1024 characters")
+            raise InvalidRequest(f"selection entry {quote(p)} must be 1..1024 characters")
     return tuple(sorted(set(patterns)))
 
 

@@ -12,7 +12,7 @@ import math
 import struct
 from typing import Any
 
-from tensorferry.errors import InvalidArtifact
+from tensorferry.errors import InvalidArtifact, ResourceExhausted, quote
 
 #: safetensors dtype name -> bytes per element (the table safetensors.torch knows).
 DTYPE_SIZES: dict[str, int] = {
@@ -53,73 +53,166 @@ def header_length(prefix: bytes, key: str, file_size: int) -> int:
     if len(prefix) < 8:
         raise InvalidArtifact(f"{key} is not a safetensors file: it has only {file_size} bytes")
     n: int = struct.unpack("<Q", prefix[:8])[0]
-    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+    if 8 + n > file_size:
         raise InvalidArtifact(
             f"{key} is not a safetensors file: its header length field says {n} bytes "
             f"but the file has {file_size} bytes"
         )
+    if n > MAX_HEADER_BYTES:
+        raise InvalidArtifact(
+            f"{key} is not a safetensors file: its header length field says {n} bytes, "
+            f"above the {MAX_HEADER_BYTES} bytes a safetensors header may have"
+        )
     return 8 + n
+
+
+def too_many_tensors(what: str, verb: str, count: int, limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"{what} {verb} {count} tensors, above this daemon's limit of {limit} "
+        "([limits] max_tensors); raise the limit in the daemon's config"
+    )
+
+
+class DuplicateKeys:
+    """``object_pairs_hook`` for json.loads: a plain dict, noting the first repeated key.
+
+    json.loads keeps the last of repeated keys; safetensors refuses them, and so do we.
+    The hook only notes the repeat: which object held it (a tensor's entry, or the top
+    level) is known only once the whole document is built.
+    """
+
+    def __init__(self) -> None:
+        self.first: tuple[dict[str, Any], str] | None = None
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs) and self.first is None:
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    self.first = (obj, k)
+                    break
+                seen.add(k)
+        return obj
+
+
+class NestedTooDeeply(ValueError):
+    """JSON nested past the interpreter's recursion limit (RecursionError is no ValueError:
+    it would reach the client as an internal error)."""
+
+
+def loads(raw: bytes, hook: DuplicateKeys) -> Any:
+    try:
+        return json.loads(raw, object_pairs_hook=hook)
+    except RecursionError:
+        raise NestedTooDeeply from None
 
 
 def _fail(key: str, what: str) -> InvalidArtifact:
     return InvalidArtifact(f"{key} is not a valid safetensors file: {what}")
 
 
-def _tensor(key: str, name: str, info: Any, data_len: int) -> TensorEntry:
+#: One str per dtype and one tuple per distinct shape, shared by all tensors that have it:
+#: JSON parsing makes new ones for each tensor, a model has few distinct ones, and a
+#: resident model keeps its tensors' entries for as long as it is resident.
+_DTYPES = {d: d for d in DTYPE_SIZES}
+
+
+def _tensor(
+    key: str, name: str, info: Any, data_len: int, shapes: dict[tuple[int, ...], tuple[int, ...]]
+) -> TensorEntry:
     if not isinstance(info, dict):
-        raise _fail(key, f"entry {name!r} is not an object")
+        raise _fail(key, f"entry {quote(name)} is not an object")
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
     if not isinstance(dtype, str):
-        raise _fail(key, f"tensor {name!r} has no dtype")
+        raise _fail(key, f"tensor {quote(name)} has no dtype")
     if dtype not in DTYPE_SIZES:
         raise InvalidArtifact(
-            f"{key}: tensor {name!r} has unsupported dtype {dtype!r} "
+            f"{key}: tensor {quote(name)} has unsupported dtype {quote(dtype)} "
             f"(supported: {', '.join(sorted(DTYPE_SIZES))})"
         )
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape
     ):
-        raise _fail(key, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _fail(key, f"tensor {quote(name)} has an invalid shape {quote(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise _fail(key, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _fail(key, f"tensor {quote(name)} has invalid data_offsets {quote(offsets)}")
     begin, end = offsets
-    if not 0 <= begin <= end <= data_len:
+    if begin > end:
         raise _fail(
             key,
-            f"tensor {name!r} has data_offsets [{begin}, {end}] outside the data section "
+            f"tensor {quote(name)} has data_offsets [{begin}, {end}] that end before they begin",
+        )
+    if begin < 0 or end > data_len:
+        raise _fail(
+            key,
+            f"tensor {quote(name)} has data_offsets [{begin}, {end}] outside the data section "
             f"of {data_len} bytes",
         )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise _fail(
             key,
-            f"tensor {name!r} has {end - begin} bytes but dtype {dtype} and shape "
-            f"{shape} need {expected}",
+            f"tensor {quote(name)} has {end - begin} bytes but dtype {dtype} and shape "
+            f"{quote(shape)} need {expected}",
         )
-    return TensorEntry(name, dtype, tuple(shape), begin, end)
+    dims = tuple(shape)
+    return TensorEntry(name, _DTYPES[dtype], shapes.setdefault(dims, dims), begin, end)
 
 
-def parse_header(raw: bytes, key: str, file_size: int) -> Header:
-    """Validate the header bytes (all of them, length prefix included)."""
+def _duplicate(key: str, doc: dict[str, Any], hook: DuplicateKeys) -> InvalidArtifact | None:
+    if hook.first is None:
+        return None
+    owner, repeated = hook.first
+    if owner is doc:
+        return _fail(key, f"tensor {quote(repeated)} appears twice in its header")
+    name = next((n for n, info in doc.items() if info is owner), None)
+    if name is None:
+        where = "its header"
+    elif name == "__metadata__":
+        where = "its __metadata__"
+    else:
+        where = f"tensor {quote(name)}"
+    return _fail(key, f"{where} has the key {quote(repeated)} twice")
+
+
+def parse_header(raw: bytes, key: str, file_size: int, max_tensors: int | None = None) -> Header:
+    """Validate the header bytes (all of them, length prefix included).
+
+    CPU-bound for large headers (a second per 100k tensors): run it off the event loop.
+    """
     total = header_length(raw, key, file_size)
     if len(raw) < total:
         raise _fail(key, f"header truncated: {len(raw)} of {total} bytes")
+    hook = DuplicateKeys()
     try:
-        doc = json.loads(raw[8:total])
+        doc = loads(raw[8:total], hook)
+    except NestedTooDeeply:
+        raise _fail(key, "its header nests JSON too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(key, f"its header is not JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise _fail(key, "its header is not a JSON object")
+    duplicate = _duplicate(key, doc, hook)
+    if duplicate is not None:
+        raise duplicate
+    count = len(doc) - ("__metadata__" in doc)
+    if max_tensors is not None and count > max_tensors:
+        raise too_many_tensors(key, "has", count, max_tensors)
     data_len = file_size - total
     metadata: dict[str, str] = {}
     tensors: list[TensorEntry] = []
-    for name, info in doc.items():
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+    # Each entry is dropped once read: the parsed document is several times the size of
+    # the entries made from it, and need not be alive at the same time as all of them.
+    for name in list(doc):
+        info = doc.pop(name)
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in info.items()
@@ -127,13 +220,13 @@ def parse_header(raw: bytes, key: str, file_size: int) -> Header:
                 raise _fail(key, "__metadata__ must map strings to strings")
             metadata = info
             continue
-        tensors.append(_tensor(key, name, info, data_len))
+        tensors.append(_tensor(key, name, info, data_len, shapes))
     tensors.sort(key=lambda t: (t.begin, t.end))
     previous: TensorEntry | None = None
     for t in tensors:
         if t.nbytes == 0:
             continue
         if previous is not None and t.begin < previous.end:
-            raise _fail(key, f"tensors {previous.name!r} and {t.name!r} overlap")
+            raise _fail(key, f"tensors {quote(previous.name)} and {quote(t.name)} overlap")
         previous = t
     return Header(total, data_len, tuple(tensors), metadata)

@@ -20,6 +20,7 @@ from tensorferry.daemon import systemd
 from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
 from tensorferry.daemon.cuda_runtime import open_cuda
 from tensorferry.daemon.metrics import Metrics
+from tensorferry.daemon.peers import serve_peers
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.service import LoaderService
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
@@ -41,16 +42,23 @@ async def hold_socket_lock(socket: Path) -> AsyncIterator[None]:
     """An flock beside the socket: grpc would silently steal a live daemon's socket path."""
     socket.parent.mkdir(parents=True, exist_ok=True)
     lock_path = socket.with_name(socket.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another tensorferry daemon (pid {owner}) is already serving {socket}; stop "
+                "it first or give this one another --socket"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(lock_path), os.fstat(fd)):
+                break
+        # Its owner unlinked it on the way out after we opened it: a daemon starting now
+        # locks a new file at that path, so this one would guard nothing.
         os.close(fd)
-        raise AlreadyRunning(
-            f"another tensorferry daemon (pid {owner}) is already serving {socket}; stop it "
-            "first or give this one another --socket"
-        ) from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -113,8 +121,15 @@ async def run_daemon(
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.max_send_message_length", 64 << 20),
             ],
-            # Our own admission check answers first, with the numbers (service.admitted).
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs + 16,
+            # Our own admission answers first, per class and with the numbers
+            # (service.admitted); the margin covers health checks.
+            maximum_concurrent_rpcs=(
+                limits.max_leases + limits.max_control_calls + limits.max_transfer_calls + 16
+            ),
+        )
+        # Before the gRPC socket appears: a client that finds it also finds the peer socket.
+        service.peers = await stack.enter_async_context(
+            serve_peers(settings.socket, settings.socket_mode, settings.group_id())
         )
         pb_grpc.add_LoaderServicer_to_server(service, server)
         health = health_aio.HealthServicer()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import functools
 import logging
 import os
@@ -19,20 +20,25 @@ from typing import Any, TypeVar
 import grpc
 
 from tensorferry import __version__
-from tensorferry.daemon.config import Settings
+from tensorferry._peer import LEASE_END_KEY
+from tensorferry.daemon.config import Limits, Settings
 from tensorferry.daemon.devices import resolve_devices
 from tensorferry.daemon.fetch import RetryPolicy
+from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
+from tensorferry.daemon.manifest import Manifest
+from tensorferry.daemon.peers import Peer, Peers
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.placement import grant, place_plan
 from tensorferry.daemon.planner import make_plan
-from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared_load
+from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared, read_manifest
 from tensorferry.daemon.registry import LoadRecord, Model, ModelKey, Registry, State
 from tensorferry.daemon.requests import check_rank, check_select, extra_files
+from tensorferry.daemon.sinks.cpu_shm import mem_available
 from tensorferry.daemon.source import (
+    Source,
     SourceRef,
     check_allowed,
     list_source,
-    listing_version,
     parse_uri,
     read_source,
 )
@@ -43,6 +49,7 @@ from tensorferry.daemon.store.s3 import S3Backend, S3Store
 from tensorferry.errors import (
     DaemonUnavailable,
     InvalidRequest,
+    LeaseNotOwned,
     ResourceExhausted,
     SourceNotFound,
     TensorferryError,
@@ -56,15 +63,64 @@ TENSORS_PER_MESSAGE = 2000  # ~200 KB per message, far below gRPC's 4 MiB defaul
 PROGRESS_INTERVAL = 0.1
 FILE_CHUNK = 1 << 20
 MAX_FILE_BYTES = 256 << 20
+WRITE_FAILED_GRACE = 2.0
 T = TypeVar("T")
+#: A prepared artifact's manifest and the store's object for each of its data objects.
+Prepared = tuple[Manifest, tuple[ObjectInfo, ...]]
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: BaseException,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> None:
     code, details, trailers = to_status(exc)
     if not isinstance(exc, TensorferryError):
         log.exception("internal error", exc_info=exc)
-    context.set_trailing_metadata(trailers)
+    context.set_trailing_metadata(trailers + extra)
     await context.abort(code, details)
+
+
+class CallKind(enum.Enum):
+    """Admission classes, each with its own [limits] key: leases can fill theirs without
+    locking operators out."""
+
+    LEASE = "max_leases"
+    TRANSFER = "max_transfer_calls"
+    CONTROL = "max_control_calls"
+
+    def limit(self, limits: Limits) -> int:
+        return int(getattr(limits, self.value))
+
+    def refusal(self, n: int, limit: int) -> str:
+        key = f"([limits] {self.value} = {limit})"
+        if self is CallKind.LEASE:
+            return (
+                f"{n} leases are open on this daemon, its limit {key}; each loaded model "
+                "holds one until it is closed or released: release unused models or raise "
+                "the limit"
+            )
+        if self is CallKind.TRANSFER:
+            return (
+                f"{n} Preload and GetFile calls are open on this daemon, its limit {key}; "
+                "retry when one ends or raise the limit"
+            )
+        return (
+            f"{n} control calls (Status, List, Release, Evict) are open on this daemon, its "
+            f"limit {key}; retry in a moment or raise the limit"
+        )
+
+
+async def _write(context: grpc.aio.ServicerContext[Any, Any], message: Any) -> None:
+    """Send one message of a stream; a client that went away is a cancellation, not an error."""
+    try:
+        await context.write(message)
+    except Exception:
+        # A write fails when the call ended under it (the client cancelled, or its deadline
+        # passed), and gRPC cancels this handler a moment later: wait for that, so a client
+        # that went away ends as the cancellation it is, not as an ERROR in the log.
+        await asyncio.sleep(WRITE_FAILED_GRACE)
+        raise
 
 
 def unary(
@@ -73,7 +129,7 @@ def unary(
     @functools.wraps(fn)
     async def wrapper(self: LoaderService, request: Any, context: Any) -> T:
         try:
-            with self.admitted():
+            with self.admitted(CallKind.CONTROL):
                 return await fn(self, request, context)
         except Exception as exc:
             await _abort(context, exc)
@@ -93,13 +149,19 @@ class LoaderService(pb_grpc.LoaderServicer):
         self.started = time.monotonic()
         #: The local disk tier, when [cache] dir is configured (set by the server).
         self.tier: DiskTier | None = None
+        #: Tensor names of recently read sources: selections are keyed by what they pick.
+        self.names = TensorNames()
         s3 = settings.s3
         self.policy = RetryPolicy(
             attempts=s3.attempts, budget=s3.retry_budget, range_deadline=s3.range_deadline
         )
         self._released: dict[str, asyncio.Event] = {}
+        #: Who took each open lease (None: a caller that sent no peer token).
+        self._owners: dict[str, Peer | None] = {}
+        #: Who calls: set by the server once the peer socket listens.
+        self.peers: Peers | None = None
         self.stopping = asyncio.Event()
-        self.open_calls = 0
+        self.open_calls = dict.fromkeys(CallKind, 0)
         self.draining = asyncio.Event()
 
     def _store(self, ref: SourceRef) -> Store:
@@ -108,25 +170,43 @@ class LoaderService(pb_grpc.LoaderServicer):
             store = S3Store(self.backend, ref.bucket, ref.prefix, ref.single)
         else:
             assert ref.path is not None
-            store = LocalStore(ref.path, ref.uri.removesuffix(ref.single or ""))
+            store = LocalStore(ref.path, ref.uri.removesuffix(ref.single or ""), ref.single)
         return store if self.tier is None else CachingStore(store, self.tier)
 
+    async def _read_source(self, ref: SourceRef, store: Store, listing: list[ObjectInfo]) -> Source:
+        source = await read_source(
+            ref, store, listing, max_tensors=self.settings.limits.max_tensors
+        )
+        weights = (weights_id(store.uri, listing), weights_version(listing))
+        self.names.remember(weights, (t.name for _, header in source.files for t in header.tensors))
+        return source
+
+    async def _read_manifest(self, store: Store, listing: list[ObjectInfo]) -> Prepared:
+        prepared = await read_manifest(store, listing)
+        weights = (weights_id(store.uri, listing), weights_version(listing))
+        self.names.remember(weights, (t.name for t in prepared[0].tensors))
+        return prepared
+
     async def _cold_load(
-        self, store: Store, ref: SourceRef, listing: list[ObjectInfo], model: Model, t0: float
-    ) -> Loaded:
+        self, store: Store, ref: SourceRef, listing: list[ObjectInfo], model: Model, t0: float,
+        select: tuple[str, ...], source: Source | Prepared | None,
+    ) -> Loaded:  # fmt: skip
         s3 = self.settings.s3
         plan_done = 0.0
         try:
             key = model.key
             if is_prepared(listing):
-                plan = await plan_prepared_load(
-                    store, ref.uri, listing, chunk_size=s3.chunk_size, select=key.select,
-                    rank=key.rank, world_size=key.world_size,
+                if not isinstance(source, tuple):
+                    source = await self._read_manifest(store, listing)
+                plan = plan_prepared(
+                    *source, ref.uri, chunk_size=s3.chunk_size, select=select, rank=key.rank,
+                    world_size=key.world_size,
                 )  # fmt: skip
             else:
                 check_unsharded(ref.uri, key.world_size)
-                source = await read_source(ref, store, listing)
-                plan = make_plan(source, s3.chunk_size, key.select)
+                if not isinstance(source, Source):
+                    source = await self._read_source(ref, store, listing)
+                plan = make_plan(source, s3.chunk_size, select)
 
             def on_plan(plan: Any) -> None:
                 nonlocal plan_done
@@ -180,15 +260,27 @@ class LoaderService(pb_grpc.LoaderServicer):
         yield pb.LoadEvent(progress=pb.Progress(stage="plan"))
         store = self._store(ref)
         listing = await list_source(ref, store)
+        weights = (weights_id(store.uri, listing), weights_version(listing))
+        source: Source | Prepared | None = None
+        if select and not self.names.known(weights):
+            # The selection is keyed by the tensors it picks: read the names now (the cold
+            # load that follows uses this read).
+            if is_prepared(listing):
+                source = await self._read_manifest(store, listing)
+            else:
+                source = await self._read_source(ref, store, listing)
         key = ModelKey(
-            ref.uri, listing_version(listing), devices[0], select, rank=rank,
+            *weights, devices[0], self.names.selection_key(weights, select), rank=rank,
             world_size=world_size,
         )  # fmt: skip
         # A preload onto several GPUs: one fetch fills them all (registry fan-out).
         fan_out = [dataclasses.replace(key, device=d) for d in devices[1:]]
         model, existed = self.registry.get_or_start(
-            key, lambda m: self._cold_load(store, ref, listing, m, t0), client, fan_out
-        )
+            key, ref.uri, lambda m: self._cold_load(store, ref, listing, m, t0, select, source),
+            client, fan_out,
+        )  # fmt: skip
+        if existed and model.state is State.READY:
+            yield pb.LoadEvent(progress=pb.Progress(stage="attach"))
         group = [model, *(m for k in fan_out if (m := self.registry.find(k)) is not None)]
         sent = -1
         model.waiters += 1
@@ -214,6 +306,10 @@ class LoaderService(pb_grpc.LoaderServicer):
         for other in group[1:]:
             other.done.result()  # a GPU that failed fails the preload
         loaded = model.done.result()
+        if model.state is State.EVICTING:
+            # Evicted between becoming ready and this request waking: its arena may be
+            # gone already, so no lease on it.
+            raise model.evicted_error()
         attached = existed and model.state is State.READY and sent < 0
         if attached:
             self.registry.recent.append(
@@ -252,6 +348,12 @@ class LoaderService(pb_grpc.LoaderServicer):
                 finally:
                     for w in waits:
                         w.cancel()
+                if not released.is_set():
+                    # Not OK: the worker must tell this from a Release (see _stream).
+                    raise DaemonUnavailable(
+                        "the tensorferry daemon is shutting down: this lease has ended; load "
+                        "the model again once the daemon is back"
+                    )
         finally:
             if lease:
                 self._released.pop(lease_id, None)
@@ -264,31 +366,43 @@ class LoaderService(pb_grpc.LoaderServicer):
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any], lease: bool
     ) -> AsyncIterator[pb.LoadEvent]:
         client = getattr(request, "client_name", "") or context.peer()
+        lease_id = ""
         try:
-            with self.admitted():
+            with self.admitted(CallKind.LEASE if lease else CallKind.TRANSFER):
+                owner = self._caller(context) if lease else None
                 async for event in self._events(request, client, lease):
+                    if lease and event.WhichOneof("event") == "ready":
+                        lease_id = event.ready.lease_id
+                        self._owners[lease_id] = owner
                     yield event
+            if lease_id:
+                # A lease's stream ends normally only by Release (a stop raises, and a
+                # client that goes away cancels it).
+                context.set_trailing_metadata(((LEASE_END_KEY, "released"),))
         except Exception as exc:
-            await _abort(context, exc)
+            end = "shutdown" if self.stopping.is_set() else "error"
+            await _abort(context, exc, ((LEASE_END_KEY, end),) if lease_id else ())
+        finally:
+            self._owners.pop(lease_id, None)
+
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Peer | None:
+        return None if self.peers is None else self.peers.caller(context)
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Count the call; refuse it, with the numbers, above [limits] max_concurrent_rpcs.
+    def admitted(self, kind: CallKind) -> Iterator[None]:
+        """Count the call in its class; refuse it, with the numbers, above that class's limit.
 
-        (gRPC's own limit, set a little higher as a backstop, would refuse without them.)
+        Every handler comes through here. (gRPC's own limit, set above the sum as a
+        backstop, would refuse without the numbers and regardless of class.)
         """
-        limit = self.settings.limits.max_concurrent_rpcs
-        if self.open_calls >= limit:
-            raise ResourceExhausted(
-                f"{self.open_calls} calls are open on this daemon, its limit ([limits] "
-                f"max_concurrent_rpcs = {limit}); each worker lease holds one: release "
-                "unused models or raise the limit"
-            )
-        self.open_calls += 1
+        limit, n = kind.limit(self.settings.limits), self.open_calls[kind]
+        if n >= limit:
+            raise ResourceExhausted(kind.refusal(n, limit))
+        self.open_calls[kind] += 1
         try:
             yield
         finally:
-            self.open_calls -= 1
+            self.open_calls[kind] -= 1
 
     # grpc.aio recognises streaming handlers by being async generator functions.
     async def Load(
@@ -307,18 +421,32 @@ class LoaderService(pb_grpc.LoaderServicer):
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         event = self._released.get(request.lease_id)
         if event is not None:
+            owner, caller = self._owners.get(request.lease_id), self._caller(context)
+            if owner is None or caller is None or caller.key != owner.key:
+                # No exception for root: ending a lease is the holder's call; an operator
+                # evicts the model (freed when the last lease ends) or stops the worker.
+                unknown = "an unidentified process"
+                raise LeaseNotOwned(
+                    f"lease {request.lease_id} is held by {owner.label if owner else unknown}; "
+                    f"this call comes from {caller.label if caller else unknown}: only the "
+                    "process that holds a lease can release it (it ends when that process "
+                    "closes the model or exits)"
+                )
             model = self.registry.find_lease(request.lease_id)
             if model is not None:
                 model.released_early = True
             event.set()
         return pb.ReleaseResponse(released=event is not None)
 
+    # Written with context.write (gRPC's other streaming form): a write under a client that
+    # has gone away fails inside the handler, where it can be told from an error.
     async def GetFile(
         self, request: pb.GetFileRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.FileChunk]:
+    ) -> None:
         try:
-            async for chunk in self._file_chunks(request):
-                yield chunk
+            with self.admitted(CallKind.TRANSFER):
+                async for chunk in self._file_chunks(request):
+                    await _write(context, chunk)
         except Exception as exc:
             await _abort(context, exc)
 
@@ -347,12 +475,12 @@ class LoaderService(pb_grpc.LoaderServicer):
     def _model_info(self, model: Model) -> pb.ModelInfo:
         loaded = model.loaded
         return pb.ModelInfo(
-            model_id=model.id, uri=model.key.uri, device=model.key.device,
+            model_id=model.id, uri=model.uri, device=model.key.device,
             version=model.key.version, state=model.state.value,
             bytes=loaded.arena.size if loaded else 0,
             tensor_count=len(loaded.plan.tensors) if loaded else 0,
             leases=len(model.leases), lease_clients=sorted(model.leases.values()),
-            pinned=model.pinned,
+            pinned=model.pinned, waiting=model.waiters,
         )  # fmt: skip
 
     @unary
@@ -363,8 +491,21 @@ class LoaderService(pb_grpc.LoaderServicer):
     async def Evict(self, request: pb.EvictRequest, context: Any) -> pb.EvictResponse:
         if not request.model:
             raise InvalidRequest("evict needs a model id or URI")
-        ids, pending = self.registry.evict(request.model)
-        return pb.EvictResponse(evicted=ids, pending_leases=pending)
+        what, weights = request.model, ""
+        if "://" in what or what.startswith("/"):
+            ref = parse_uri(what)  # as Load normalises it
+            what = ref.uri
+            if not self.registry.named(what):
+                # Another spelling of a resident source (its directory, its only file).
+                with contextlib.suppress(TensorferryError):
+                    store = self._store(ref)
+                    weights = weights_id(store.uri, await list_source(ref, store))
+        who = request.client_name or "an Evict call"
+        done = self.registry.evict(what, by=who, weights=weights)
+        return pb.EvictResponse(
+            evicted=done.ids, pending_leases=done.pending_leases,
+            refused_waiters=done.refused_waiters,
+        )  # fmt: skip
 
     @unary
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
@@ -385,7 +526,9 @@ class LoaderService(pb_grpc.LoaderServicer):
             ],
             resident_bytes=self.registry.sink.used,
             recycled_bytes=self.registry.sink.recycled_bytes,
-            shm_budget_bytes=self.registry.sink.budget,
+            shm_budget_bytes=self.registry.sink.budget or (
+                mem_available() + self.registry.sink.used + self.registry.sink.recycled_bytes
+            ),
             store_connections_open=self.backend.pool.open_connections,
             store_connections_busy=self.backend.pool.busy_connections,
             arenas=self.registry.sink.arena_names,

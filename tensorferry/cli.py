@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -131,8 +132,15 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _evict(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        response = client.evict(args.model)
-    print(f"evicted {', '.join(response.evicted)}; {response.pending_leases} leases still open")
+        response = client.evict(args.model, f"`tensorferry evict` (pid {os.getpid()})")
+    print(
+        f"evicted {', '.join(response.evicted)}; {response.pending_leases} leases still open"
+        + (
+            f"; {response.refused_waiters} waiting loads refused"
+            if response.refused_waiters
+            else ""
+        )
+    )
     return 0
 
 

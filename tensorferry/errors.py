@@ -6,6 +6,7 @@
     ├── StoreUnavailable        UNAVAILABLE        (the object store failed or misbehaved)
     ├── SourceNotAllowed        PERMISSION_DENIED  (URI outside the daemon's allowlist)
     ├── AccessDenied            PERMISSION_DENIED  (the store refused our credentials)
+    ├── LeaseNotOwned           PERMISSION_DENIED  (Release of another process's lease)
     ├── SourceNotFound          NOT_FOUND          (bucket, key or directory missing)
     ├── ModelNotFound           NOT_FOUND          (no resident model by that id or URI)
     ├── InvalidRequest          INVALID_ARGUMENT   (malformed URI, device, ...)
@@ -13,6 +14,7 @@
     ├── ResourceExhausted       RESOURCE_EXHAUSTED (memory budget)
     ├── FailedPrecondition      FAILED_PRECONDITION
     ├── SourceChanged           ABORTED            (an object was replaced mid-load)
+    ├── ModelEvicted            ABORTED            (evicted while the request waited for it)
     ├── DataLoss                DATA_LOSS          (corrupt bytes at rest)
     └── InternalError           INTERNAL
 
@@ -58,6 +60,10 @@ class AccessDenied(TensorferryError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class LeaseNotOwned(TensorferryError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class SourceNotFound(TensorferryError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -86,6 +92,10 @@ class SourceChanged(TensorferryError):
     code = grpc.StatusCode.ABORTED
 
 
+class ModelEvicted(TensorferryError):
+    code = grpc.StatusCode.ABORTED
+
+
 class DataLoss(TensorferryError):
     code = grpc.StatusCode.DATA_LOSS
 
@@ -98,8 +108,8 @@ _BY_NAME: dict[str, type[TensorferryError]] = {
     cls.__name__: cls
     for cls in (
         DaemonNotRunning, DaemonUnavailable, StoreUnavailable, SourceNotAllowed, AccessDenied,
-        SourceNotFound, ModelNotFound, InvalidRequest, InvalidArtifact, ResourceExhausted,
-        FailedPrecondition, SourceChanged, DataLoss, InternalError,
+        LeaseNotOwned, SourceNotFound, ModelNotFound, InvalidRequest, InvalidArtifact,
+        ResourceExhausted, FailedPrecondition, SourceChanged, ModelEvicted, DataLoss, InternalError,
     )
 }  # fmt: skip
 
@@ -115,14 +125,64 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorferryError]] = {
 }
 
 
+#: Characters of user input an error message quotes.
+QUOTE_LIMIT = 200
+#: Bytes of a status detail once percent-encoded for its header. gRPC clients refuse
+#: metadata over 8-16 KiB and report that instead of our error.
+MAX_DETAILS = 4096
+
+
+def quote(value: object, *, limit: int = QUOTE_LIMIT, bare: bool = False) -> str:
+    """``repr(value)`` for an error message (``bare``: a string as it is), cut after
+    ``limit`` characters.
+
+    Requests carry megabytes of URI or name, and headers megabytes of shape or name: an
+    error that echoes them whole is as big, in every log line and status detail.
+    """
+    if isinstance(value, str):
+        shown = value[:limit] if bare else repr(value[:limit])
+        return shown if len(value) <= limit else f"{shown}... ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except RecursionError:  # a list from JSON nested a thousand deep
+        return f"<a {type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _encoded_size(text: str) -> int:
+    # grpc-message is percent-encoded: printable ASCII but "%" passes, every other byte
+    # becomes %XX.
+    if text.isascii() and text.isprintable():
+        return len(text) + 2 * text.count("%")
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in text.encode())
+
+
+def cap_details(details: str) -> str:
+    """``details`` cut to fit :data:`MAX_DETAILS`; the backstop for messages that quote
+    user input without :func:`quote`."""
+    if len(details) <= MAX_DETAILS and _encoded_size(details) <= MAX_DETAILS:
+        return details
+    suffix = f"... (status detail cut: {len(details)} characters)"
+    budget = MAX_DETAILS - len(suffix)
+    end = 0
+    for char in details:
+        budget -= _encoded_size(char)
+        if budget < 0:
+            break
+        end += 1
+    return details[:end] + suffix
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """Status code, details and trailing metadata for an exception leaving an RPC handler."""
     if isinstance(exc, TensorferryError):
-        return exc.code, exc.message, ((ERROR_KIND_KEY, type(exc).__name__),)
+        return exc.code, cap_details(exc.message), ((ERROR_KIND_KEY, type(exc).__name__),)
     return (
         grpc.StatusCode.INTERNAL,
-        f"internal error in the tensorferry daemon: {type(exc).__name__}: {exc} "
-        "(see the daemon's log)",
+        cap_details(
+            f"internal error in the tensorferry daemon: {type(exc).__name__}: {exc} "
+            "(see the daemon's log)"
+        ),
         ((ERROR_KIND_KEY, "InternalError"),),
     )
 

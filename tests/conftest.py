@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ class Daemon:
 
     def segments(self) -> list[str]:
         names = (p.name for p in SHM.glob(f"tensorferry.{self.instance}.*"))
-        # Lock files and freed arenas kept for reuse (".freeN") are not live segments.
+        # Lock files and freed arenas kept for reuse (".free-<token>") are not live segments.
         return sorted(n for n in names if not n.endswith(".lock") and ".free" not in n)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
@@ -222,3 +222,13 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         assert actual.dtype == expected.dtype, name
         assert actual.shape == expected.shape, name
         assert torch.equal(as_bytes(actual), as_bytes(expected)), name
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Wait for a condition the daemon reaches asynchronously (a lease ending, a fetch
+    stopping), with a deadline: never for timing luck, which a loaded machine breaks."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        time.sleep(0.02)

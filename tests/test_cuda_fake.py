@@ -12,6 +12,7 @@ import contextlib
 import multiprocessing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -235,8 +236,19 @@ async def test_cancelled_load_frees_its_arena_only_after_queued_copies(tmp_path:
         with contextlib.ExitStack() as held:
             for lane in fake.streams(0):
                 held.enter_context(lane.held())
+            submitted: list[object] = []
+            submit = cuda.engine.submit
+
+            def counting_submit(*args: Any) -> None:
+                submit(*args)
+                submitted.append(args)
+
+            cuda.engine.submit = counting_submit  # type: ignore[method-assign]
             task = asyncio.create_task(load(cuda, store, plan, uri, n=1))
-            await until(lambda: cuda.ring.free == 0 and store.reads >= 4)
+            # Every slot's copy is queued behind the held streams (a slot whose read is
+            # still running would go back to the ring on cancel).
+            await until(lambda: len(submitted) == 4)
+            assert cuda.ring.free == 0
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

@@ -19,6 +19,7 @@ from tests.conftest import (
     BUCKET,
     assert_clean,
     daemon_env,
+    eventually,
     running_daemon,
     start_daemon,
     upload,
@@ -194,8 +195,12 @@ def test_freed_arenas_are_recycled_except_after_an_early_release(
         uris.append(upload(s3, tmp_path / f"m{seed}", f"{prefix}{seed}/"))
         wants.append(load_file(tmp_path / f"m{seed}" / "model.safetensors"))
     with running_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"]) as d, d.client() as client:
+        no_lease = "the worker's lease ends after its views are gone"
         with client.load(uris[0]) as model:
             assert_same_tensors(model.tensors, wants[0])
+        # The daemon sees the stream end a moment after the block: wait for it, or the
+        # evicted arena is still leased and not yet in the recycle pool.
+        eventually(lambda: client.list()[0].leases == 0, no_lease)
         client.evict(uris[0])
         free = sorted(SHM.glob(f"tensorferry.{d.instance}.free*"))
         assert len(free) == 1
@@ -205,16 +210,14 @@ def test_freed_arenas_are_recycled_except_after_an_early_release(
             assert client.status().recycled_bytes == 0
             assert_same_tensors(model.tensors, wants[1])
             model_id = model.model_id
+        eventually(lambda: client.list()[0].leases == 0, no_lease)
         # An explicit Release while a view lives: that arena is unlinked, never reused.
         client.evict(model_id)
         model = client.load(uris[2])  # takes m2's freed pages
         kept = model.tensors["layers.0.weight"]
         client.release(model.lease_id)
         client.evict(uris[2])
-        deadline = time.monotonic() + 10
-        while client.list() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert client.list() == []
+        eventually(lambda: client.list() == [], "the released, evicted model is freed")
         assert list(SHM.glob(f"tensorferry.{d.instance}.free*")) == []  # unlinked, not kept
         assert client.status().recycled_bytes == 0
         want = {"w": wants[2]["layers.0.weight"]}

@@ -144,14 +144,16 @@ def test_limits_are_refused_with_numbers(s3: S3Server, tmp_path: Path, prefix: s
             next(iter(stub.Load(big, timeout=10)))
         assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         held = [stub.Load(pb.LoadRequest(uri=uri, select=["layers.0.bias"])) for _ in range(3)]
-        for call in held:  # three open lease streams fill max_concurrent_rpcs
+        for call in held:  # three leases fill max_leases (max_concurrent_rpcs: its old name)
             while next(call).WhichOneof("event") != "ready":
                 pass
+        assert client.list()  # control calls have a limit of their own
         with pytest.raises(ResourceExhausted) as full:
-            client.list()
+            client.load(uri, select=["layers.0.bias"])
         assert full.value.message == (
-            "3 calls are open on this daemon, its limit ([limits] max_concurrent_rpcs = 3); "
-            "each worker lease holds one: release unused models or raise the limit"
+            "3 leases are open on this daemon, its limit ([limits] max_leases = 3); each loaded "
+            "model holds one until it is closed or released: release unused models or raise "
+            "the limit"
         )
         for call in held:
             call.cancel()

@@ -62,7 +62,7 @@ async def prepare(options: Options, progress: ProgressFn | None = None) -> Resul
             store = S3Store(backend, src.bucket, src.prefix, src.single)
         else:
             assert src.path is not None
-            store = LocalStore(src.path, src.uri.removesuffix(src.single or ""))
+            store = LocalStore(src.path, src.uri.removesuffix(src.single or ""), src.single)
         dest: Destination
         if dst.scheme == "s3":
             dest = S3Destination(backend, dst.bucket, dst.prefix)

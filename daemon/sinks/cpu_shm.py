@@ -1,9 +1,14 @@
 """CPU arenas: one /dev/shm segment per model, shared with workers by name.
 
-Segments are named ``tensorferry.<instance>.<n>`` and each daemon instance holds an
-flock on ``tensorferry.<instance>.lock`` for its whole life. At start a daemon removes the
-segments of every instance whose lock is free: its owner is dead. PIDs are not used, as
-they repeat across containers and restarts.
+Segments are named ``tensorferry.<instance>.<token>`` (freed ones kept for reuse
+``tensorferry.<instance>.free-<token>``), with 128 random bits in each token: /dev/shm is
+world-writable, and any local user could create a name we are about to use. A taken name is
+skipped for another, and no name is ever renamed onto (rename(2) would replace the file).
+
+Each daemon instance holds an flock on ``tensorferry.<instance>.lock`` for its whole life;
+the lock is taken before the file gets that name, so no other daemon ever finds it free. At
+start a daemon removes the files of every instance whose lock is free or gone: its owner is
+dead. PIDs are not used, as they repeat across containers and restarts.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import itertools
 import logging
 import mmap
 import os
@@ -20,11 +24,26 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from tensorferry.errors import ResourceExhausted
+from tensorferry.errors import FailedPrecondition, ResourceExhausted
 
 log = logging.getLogger(__name__)
 PREFIX = "tensorferry."
+FREE = "free-"
+# With 128-bit names a taken one is another user's doing, never chance; give up after a few.
+_NAME_ATTEMPTS = 8
 _MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module does not name it
+
+
+def _token() -> str:
+    return secrets.token_hex(16)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (not unlinked or replaced)."""
+    try:
+        return os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 def mem_available() -> int:
@@ -92,16 +111,56 @@ class CpuShmSink:
         self.instance = secrets.token_hex(6)
         self.used = 0
         self._arenas: dict[str, ShmArena] = {}
-        self._seq = itertools.count(1)
         self._lock_fd: int | None = None
-        self._lock_path = shm_dir / f"{PREFIX}{self.instance}.lock"
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.shm_dir / f"{PREFIX}{self.instance}.lock"
 
     async def __aenter__(self) -> CpuShmSink:
         self.sweep()
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._lock_fd = fd
+        self._lock_instance()
         return self
+
+    def _lock_instance(self) -> None:
+        """Lock a file under a name of its own, then link it into place, locked.
+
+        Created and then locked at its final name, the lock would be free for a moment, and
+        a daemon sweeping just then would take it for a dead one's and unlink it.
+        """
+        for _ in range(_NAME_ATTEMPTS):
+            staging = self.shm_dir / f"{PREFIX}{self.instance}.locking-{_token()}"
+            try:
+                fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)  # fmt: skip
+            except FileExistsError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.link(staging, self._lock_path)  # never replaces: EEXIST if taken
+            except FileNotFoundError:
+                # A sweep saw no lock for this instance yet and removed the staging name.
+                os.close(fd)
+                continue
+            except FileExistsError:
+                os.close(fd)
+                self.instance = secrets.token_hex(6)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    staging.unlink()
+            self._lock_fd = fd
+            return
+        raise self._names_taken()
+
+    def _names_taken(self) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"could not create a file in {self.shm_dir}: {_NAME_ATTEMPTS} random names in a "
+            "row were taken; another user may be creating files there to block this daemon"
+        )
 
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -116,34 +175,80 @@ class CpuShmSink:
             self._lock_fd = None
 
     def sweep(self) -> list[str]:
-        """Remove segments of dead instances (their lock is free or gone)."""
-        live: set[str] = set()
+        """Remove the files of dead instances (their lock is free or gone).
+
+        Files are listed before any lock is tested: a daemon's lock is in place, held,
+        before it creates a segment, so a file listed here whose lock is gone or free when
+        tested afterwards belongs to a daemon that has ended (or is the staging name of a
+        lock not yet placed, which its daemon then makes again).
+        """
+        files: dict[str, list[Path]] = {}
+        for path in self.shm_dir.glob(f"{PREFIX}*.*"):
+            instance = path.name[len(PREFIX) :].split(".", 1)[0]
+            files.setdefault(instance, []).append(path)
         removed: list[str] = []
-        for lock in self.shm_dir.glob(f"{PREFIX}*.lock"):
-            instance = lock.name[len(PREFIX) : -len(".lock")]
+        for instance, paths in files.items():
+            lock = self.shm_dir / f"{PREFIX}{instance}.lock"
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+                # Another user's symlink or fifo under that name must not be followed.
+                fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
+                fd = None
+            except OSError as exc:
+                log.debug("not sweeping instance %s: %s", instance, exc)
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                live.add(instance)
-                continue
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # alive
+                    if not _same_file(fd, lock):
+                        continue  # replaced since we opened it: that one is someone's
+                for path in paths:
+                    if path != lock:
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                            removed.append(path.name)
+                # Only a lock we hold: one absent a moment ago may belong to a daemon now.
+                if fd is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        lock.unlink()
+                        removed.append(lock.name)
             finally:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-                removed.append(lock.name)
-        for seg in self.shm_dir.glob(f"{PREFIX}*.*"):
-            instance = seg.name[len(PREFIX) :].split(".", 1)[0]
-            if instance not in live and not seg.name.endswith(".lock"):
-                with contextlib.suppress(FileNotFoundError):
-                    seg.unlink()
-                    removed.append(seg.name)
+                if fd is not None:
+                    os.close(fd)
         if removed:
             log.warning("removed %d stale shared-memory files of dead daemons", len(removed))
         return removed
+
+    def _new_path(self, kind: str = "") -> Path:
+        return self.shm_dir / f"{PREFIX}{self.instance}.{kind}{_token()}"
+
+    def _create(self) -> tuple[int, Path]:
+        """A new segment file under a fresh random name (another if one is taken)."""
+        for _ in range(_NAME_ATTEMPTS):
+            path = self._new_path()
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                return os.open(path, flags, self.mode), path
+            except FileExistsError:
+                log.warning("%s exists: another user created it; trying another name", path)
+        raise self._names_taken()
+
+    def _rename(self, path: Path, kind: str = "") -> Path:
+        """``path`` under a fresh random name; link(2), unlike rename(2), replaces nothing."""
+        for _ in range(_NAME_ATTEMPTS):
+            new = self._new_path(kind)
+            try:
+                os.link(path, new)
+            except FileExistsError:
+                log.warning("%s exists: another user created it; trying another name", new)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return new
+        raise self._names_taken()
 
     def available(self) -> int:
         avail = mem_available()
@@ -151,8 +256,8 @@ class CpuShmSink:
             avail = min(avail, self.budget - self.used)
         return max(avail, 0)
 
-    def _take_recycled(self, size: int, name: str) -> mmap.mmap | None:
-        """The still-mapped pages of a freed segment, renamed to ``name``, if one fits.
+    def _take_recycled(self, size: int) -> tuple[Path, mmap.mmap] | None:
+        """The still-mapped pages of a freed segment, under a new name, if one fits.
 
         The kernel zeroes every fresh tmpfs page on first write, which costs more CPU than
         receiving the bytes; a freed arena's pages are already there, and so are its page
@@ -170,20 +275,18 @@ class CpuShmSink:
             return None
         self._free.remove(freed)
         self.recycled_bytes -= freed.capacity
-        target = self.shm_dir / name
         try:
-            os.rename(freed.path, target)
-            freed.path = target
+            freed.path = self._rename(freed.path)
             if freed.capacity > size:
                 freed.mapping.resize(size)  # truncates the segment too: the tail goes back
             elif freed.capacity < size:
                 self._grow(freed, size)
-        except (OSError, BufferError) as exc:
+        except (OSError, BufferError, FailedPrecondition) as exc:
             # Renamed away under us, or a failed fetch's traceback still holds a slice.
             log.debug("not reusing freed arena %s: %s", freed.path.name, exc)
             freed.drop()
             return None
-        return freed.mapping
+        return freed.path, freed.mapping
 
     @staticmethod
     def _grow(freed: _Freed, size: int) -> None:
@@ -204,17 +307,13 @@ class CpuShmSink:
         self.recycled_bytes = 0
 
     def allocate(self, size: int, what: str) -> ShmArena:
-        name = f"{PREFIX}{self.instance}.{next(self._seq)}"
         if self.budget and size > self.budget - self.used:
             self.reclaim(size - (self.budget - self.used))
             if size > self.budget - self.used:
                 self._refuse(size, what, self.budget - self.used)
-        path = self.shm_dir / name
-        mapping = self._take_recycled(size, name)
-        if mapping is None:
-            mapping = self._reserve(size, what, path)
-        arena = ShmArena(name, size, path, mapping)
-        self._arenas[name] = arena
+        path, mapping = self._take_recycled(size) or self._reserve(size, what)
+        arena = ShmArena(path.name, size, path, mapping)
+        self._arenas[path.name] = arena
         self.used += size
         return arena
 
@@ -225,22 +324,22 @@ class CpuShmSink:
             "evict a model with `tensorferry evict` or raise [memory] shm_budget"
         )
 
-    def _reserve(self, size: int, what: str, path: Path) -> mmap.mmap:
-        """Map ``size`` bytes at ``path``: freed memory first, else a new segment."""
+    def _reserve(self, size: int, what: str) -> tuple[Path, mmap.mmap]:
+        """Map ``size`` bytes in a new file: freed memory first, else a new segment."""
         available = self.available()
         if size > available and self._free:
             self._drop_recycled()  # memory held for reuse yields to a real need
             available = self.available()
         if size > available:
             self.reclaim(size - available)  # evicted arenas land in the recycle pool...
-            mapping = self._take_recycled(size, path.name)
-            if mapping is not None:
-                return mapping
+            recycled = self._take_recycled(size)
+            if recycled is not None:
+                return recycled
             self._drop_recycled()  # ...or give their memory back
             available = self.available()
         if size > available:
             self._refuse(size, what, available)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        fd, path = self._create()
         try:
             os.fchmod(fd, self.mode)  # the umask must not narrow what workers may open
             os.fchown(fd, -1, self.group)
@@ -249,7 +348,7 @@ class CpuShmSink:
             # The pages exist now: mapping them all in one call costs far less than a page
             # fault per 4 KiB as the bytes arrive.
             flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
-            return mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            return path, mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             path.unlink()
             raise
@@ -273,9 +372,11 @@ class CpuShmSink:
                 oldest = self._free.pop(0)
                 oldest.drop()
                 self.recycled_bytes -= oldest.capacity
-            free = self.shm_dir / f"{PREFIX}{self.instance}.free{next(self._seq)}"
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(arena.path, free)
+            try:
+                free = self._rename(arena.path, FREE)
+            except (OSError, FailedPrecondition) as exc:
+                log.debug("not keeping arena %s for reuse: %s", arena.name, exc)
+            else:
                 self._free.append(_Freed(free, arena.size, mapping))
                 self.recycled_bytes += arena.size
                 return

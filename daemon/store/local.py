@@ -15,9 +15,11 @@ def _etag(st: os.stat_result) -> str:
 
 
 class LocalStore(Store):
-    def __init__(self, directory: Path, uri: str) -> None:
+    def __init__(self, directory: Path, uri: str, single: str | None = None) -> None:
         self.root = directory
         self.uri = uri
+        #: One file of the directory (a URI naming one .safetensors file): the only object.
+        self.single = single
 
     async def list_objects(self) -> list[ObjectInfo]:
         return await asyncio.to_thread(self._scan)
@@ -27,7 +29,7 @@ class LocalStore(Store):
             raise SourceNotFound(f"{self.uri}: no such directory on the daemon's host")
         objects = []
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if not entry.is_file():
+            if not entry.is_file() or self.single not in (None, entry.name):
                 continue
             real = Path(entry.path).resolve()
             # A symlink may point anywhere; only files really inside the root are served.

@@ -141,7 +141,7 @@ class ListRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "uri", "device", "version", "state", "bytes", "tensor_count", "leases", "lease_clients", "pinned")
+    __slots__ = ("model_id", "uri", "device", "version", "state", "bytes", "tensor_count", "leases", "lease_clients", "pinned", "waiting")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class ModelInfo(_message.Message):
     LEASES_FIELD_NUMBER: _ClassVar[int]
     LEASE_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     uri: str
     device: str
@@ -162,7 +163,8 @@ class ModelInfo(_message.Message):
     leases: int
     lease_clients: _containers.RepeatedScalarFieldContainer[str]
     pinned: bool
-    def __init__(self, model_id: _Optional[str] = ..., uri: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., leases: _Optional[int] = ..., lease_clients: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    waiting: int
+    def __init__(self, model_id: _Optional[str] = ..., uri: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., leases: _Optional[int] = ..., lease_clients: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("models",)
@@ -171,18 +173,22 @@ class ListResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "client_name")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    client_name: str
+    def __init__(self, model: _Optional[str] = ..., client_name: _Optional[str] = ...) -> None: ...
 
 class EvictResponse(_message.Message):
-    __slots__ = ("evicted", "pending_leases")
+    __slots__ = ("evicted", "pending_leases", "refused_waiters")
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     PENDING_LEASES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_WAITERS_FIELD_NUMBER: _ClassVar[int]
     evicted: _containers.RepeatedScalarFieldContainer[str]
     pending_leases: int
-    def __init__(self, evicted: _Optional[_Iterable[str]] = ..., pending_leases: _Optional[int] = ...) -> None: ...
+    refused_waiters: int
+    def __init__(self, evicted: _Optional[_Iterable[str]] = ..., pending_leases: _Optional[int] = ..., refused_waiters: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -82,7 +82,12 @@ class LoaderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """End a lease early; its Load stream then finishes.
+        """End a lease early; its Load stream then finishes with OK and the trailing metadata
+        "tensorferry-lease-end: released" (a daemon that stops ends leases with UNAVAILABLE
+        and "tensorferry-lease-end: shutdown"). Only the process that holds the lease may
+        release it, PERMISSION_DENIED otherwise: Load and Release carry the caller's token
+        from the daemon's "<socket>.peer" socket as "tensorferry-peer" metadata (over TCP,
+        the connection is the identity).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,7 +108,9 @@ class LoaderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Evict(self, request, context):
-        """Drop a model; its arena is freed once the last lease is gone.
+        """Drop a model; its arena is freed once the last lease is gone. A model still loading
+        stops fetching, and the requests waiting for it fail with ABORTED (ModelEvicted),
+        naming EvictRequest.client_name. NOT_FOUND when no model has that id or URI.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
