@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from tensorferry.client import Client
+from tensorferry.devtools.daemon import run_daemon
 from tensorferry.devtools.seaweed import run_seaweed
 
 WORKER = """
@@ -68,25 +67,15 @@ def main() -> int:
             s3.client().upload_file(
                 str(work / "m" / "model.safetensors"), "bench", "m/model.safetensors"
             )
-            socket = work / "tf.sock"
-            (work / "c.toml").write_text(
-                '[sources]\nallow = ["s3://bench/"]\n[s3]\naddressing_style = "path"\n'
-            )
-            env = {**os.environ, **s3.env(), "TENSORFERRY_SOCKET": str(socket)}
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "tensorferry", "serve", "--config", str(work / "c.toml")],
-                env=env, stderr=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-            try:
-                while not socket.exists():
-                    time.sleep(0.05)
-                with Client(socket) as client:
+            # The daemon logs to a file, not this terminal: the bench prints only figures.
+            with run_daemon(work, s3, ["s3://bench/"], log=work / "daemon.log") as daemon:
+                with Client(daemon.socket) as client:
                     client.preload("s3://bench/m/")
                 times: list[float] = []
                 parts: list[tuple[float, float]] = []
                 for _ in range(args.runs):
                     out = subprocess.run(
-                        [sys.executable, "-c", WORKER, "s3://bench/m/", settle], env=env,
+                        [sys.executable, "-c", WORKER, "s3://bench/m/", settle], env=daemon.env,
                         capture_output=True, text=True, check=True,
                     )  # fmt: skip
                     result = json.loads(out.stdout)
@@ -94,9 +83,6 @@ def main() -> int:
                     assert result["tensors"] == args.tensors
                     times.append(result["ms"])
                     parts.append((result["client_ms"], result["daemon_ms"]))
-            finally:
-                daemon.terminate()
-                daemon.wait(30)
     times.sort()
     p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
     p50 = statistics.median(times)

@@ -6,7 +6,9 @@ with Client() as client, client.load("s3://bucket/model/") as model:
 """
 
 from tensorferry.client._aio import AsyncClient
-from tensorferry.client._client import Client, LoadedModel, TlsConfig
+from tensorferry.client._client import Client
+from tensorferry.client._core import TlsConfig
+from tensorferry.client._model import LoadedModel
 from tensorferry.errors import (
     AccessDenied,
     DaemonNotRunning,

@@ -1,91 +1,83 @@
-"""The asyncio twin of `Client`, for workers that run an event loop."""
+"""The asyncio twin of `Client`, for workers that run an event loop: the same methods with
+the same arguments, each awaitable."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any
 
 import grpc
 
-from tensorferry import _env
-from tensorferry._peer import PEER_KEY, peer_socket, peer_token
-from tensorferry.client._client import (
-    CHANNEL_OPTIONS,
-    LoadedModel,
+from tensorferry.client._core import (
+    CONTROL_TIMEOUT,
+    ClientCore,
     ProgressFn,
-    attach_model,
+    collect_async,
     lease_end_of,
+    not_resident,
 )
-from tensorferry.errors import DaemonUnavailable, daemon_not_running, from_rpc_error
+from tensorferry.client._model import LoadedModel, attach_model
+from tensorferry.errors import from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
 
-if TYPE_CHECKING:
-    from tensorferry.cuda import CudaApi
+_LoadCall = grpc.aio.UnaryStreamCall[pb.LoadRequest, pb.LoadEvent]
 
 
-class AsyncClient:
-    def __init__(
-        self, socket: str | os.PathLike[str] | None = None, *, cuda: CudaApi | None = None
-    ) -> None:
-        self.socket = str(_env.socket_path(socket))
-        self._cuda = cuda  # as in Client
-        self._channel = grpc.aio.insecure_channel(f"unix:{self.socket}", options=CHANNEL_OPTIONS)
+class AsyncClient(ClientCore):
+    """`Client` for asyncio; create and use it on one event loop.
+
+    ``close()`` closes the channel, which ends every lease this client still holds: a
+    grpc.aio channel belongs to its loop and cannot outlive it as `Client`'s does.
+    """
+
+    def _connect(self) -> None:
+        self._channel = self._open(grpc.aio.insecure_channel, grpc.aio.secure_channel)
         self._stub = pb_grpc.LoaderStub(self._channel)
-        self._leases: set[grpc.aio.UnaryStreamCall[pb.LoadRequest, pb.LoadEvent]] = set()
+        self._leases: set[_LoadCall] = set()
         self._ends: set[asyncio.Task[None]] = set()
 
-    async def _peer(self) -> tuple[tuple[str, str], ...]:
-        """Who this process is, for Load and Release (see ``Client._peer``)."""
+    async def _apeer(self) -> tuple[tuple[str, str], ...]:
+        # The first call of a process connects to the peer socket: not on the loop.
+        return () if self.tcp is not None else await asyncio.to_thread(self._peer)
+
+    async def _call(self, method: Callable[..., Any], request: Any, *, peer: bool = False) -> Any:
+        self._check_open()
         try:
-            token = await asyncio.to_thread(peer_token, self.socket)
-        except OSError as exc:
-            raise daemon_not_running(self.socket, f"{peer_socket(self.socket)}: {exc}") from None
-        return ((PEER_KEY, token),) if token else ()
+            metadata = await self._apeer() if peer else ()
+            return await method(request, timeout=CONTROL_TIMEOUT, metadata=metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
 
     async def load(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
         progress: ProgressFn | None = None, client_name: str = "", select: Sequence[str] = (),
         rank: int = 0, world_size: int = 0,
     ) -> LoadedModel:  # fmt: skip
-        if not os.path.exists(self.socket):
-            raise daemon_not_running(self.socket, "no socket file")
-        name = client_name or f"pid {os.getpid()}"
-        target = None
-        if device not in ("", "cpu"):
-            from tensorferry.client._cuda import resolve_target
-
-            target = resolve_target(device, self._cuda)
-        request = pb.LoadRequest(
-            uri=uri, device=device, client_name=name, select=select, rank=rank,
-            world_size=world_size, gpu_uuids=target.uuids if target else (),
-        )  # fmt: skip
-        call = self._stub.Load(request, metadata=await self._peer())
-        table: list[pb.TensorInfo] = []
+        """See `Client.load`."""
+        self._check_open()
+        target = self._target(device)
+        request = self._load_request(uri, device, target, client_name, select, rank, world_size)
+        call: _LoadCall = self._stub.Load(request, metadata=await self._apeer())
         try:
             async with asyncio.timeout(timeout):
-                async for event in call:
-                    kind = event.WhichOneof("event")
-                    if kind == "progress" and progress is not None:
-                        progress(event.progress.stage, event.progress.bytes_done,
-                                 event.progress.bytes_total)  # fmt: skip
-                    elif kind == "tensors":
-                        table.extend(event.tensors.tensors)
-                    elif kind == "ready":
-                        break
-                else:
-                    raise DaemonUnavailable("the daemon ended the load without a ready event")
+                ready, table = await collect_async(call, progress)
+        except TimeoutError:
+            call.cancel()
+            raise not_resident(uri, timeout) from None
         except grpc.RpcError as err:
+            call.cancel()
             raise from_rpc_error(err, self.socket) from None
         except BaseException:
             call.cancel()
             raise
+        return attach_model(ready, target, table, *self._hold(call))
 
-        ready = event.ready
+    def _hold(self, call: _LoadCall) -> tuple[Callable[[], None], Callable[[], str | None]]:
+        """A lease's ``end_lease`` and ``lease_end`` (see `attach_model`)."""
         loop = asyncio.get_running_loop()
         self._leases.add(call)
 
@@ -110,26 +102,52 @@ class AsyncClient:
             task.add_done_callback(self._ends.discard)
 
         call.add_done_callback(on_done)
-        return attach_model(ready, target, table, end_lease, lambda: ended[0] if ended else None)
+        return end_lease, lambda: ended[0] if ended else None
+
+    async def preload(
+        self, uri: str, device: str = "cpu", *, timeout: float | None = None,
+        progress: ProgressFn | None = None, select: Sequence[str] = (), rank: int = 0,
+        world_size: int = 0, pin: bool = False,
+    ) -> pb.Ready:  # fmt: skip
+        """See `Client.preload`."""
+        self._check_open()
+        target = self._target(device, importing=False)
+        request = self._preload_request(uri, device, target, select, rank, world_size, pin)
+        try:
+            return (await collect_async(self._stub.Preload(request, timeout=timeout), progress))[0]
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
+
+    async def read_file(self, uri: str, name: str, *, timeout: float | None = 60) -> bytes:
+        """See `Client.read_file`."""
+        self._check_open()
+        request = pb.GetFileRequest(uri=uri, name=name)
+        try:
+            return b"".join([c.data async for c in self._stub.GetFile(request, timeout=timeout)])
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket) from None
 
     async def release(self, lease_id: str) -> bool:
         """End a lease this process holds (LeaseNotOwned for another process's)."""
         request = pb.ReleaseRequest(lease_id=lease_id)
-        try:
-            response = await self._stub.Release(request, timeout=10, metadata=await self._peer())
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.socket) from None
-        return bool(response.released)
+        return bool((await self._call(self._stub.Release, request, peer=True)).released)
+
+    async def list(self) -> list[pb.ModelInfo]:
+        return list((await self._call(self._stub.List, pb.ListRequest())).models)
+
+    async def evict(self, model: str, client_name: str = "") -> pb.EvictResponse:
+        """See `Client.evict`."""
+        request = self._evict_request(model, client_name)
+        response: pb.EvictResponse = await self._call(self._stub.Evict, request)
+        return response
 
     async def status(self) -> pb.StatusResponse:
-        try:
-            response: pb.StatusResponse = await self._stub.Status(pb.StatusRequest(), timeout=10)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.socket) from None
+        response: pb.StatusResponse = await self._call(self._stub.Status, pb.StatusRequest())
         return response
 
     async def close(self) -> None:
         """Close the channel; this ends every lease this client still holds."""
+        self._closed = True
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:

@@ -1,41 +1,261 @@
-"""The keys a config file may use. A misspelt key is refused at start, not ignored: an
-ignored `shm_budgte` would leave the host unprotected without a word."""
+"""The configuration schema: every key a config file may use, each defined once.
+
+A ``Key`` holds its default, its parser, its rule and its documentation. The settings
+dataclasses (config.py, cuda_settings.py) take their defaults from here, ``load_settings``
+parses through ``read``, their ``__post_init__`` applies the rules through ``check``, and the
+table in docs/operations.md is generated from ``markdown_table`` (scripts/gen_config_docs.py;
+a test keeps it current).
+
+A misspelt key is refused at start, not ignored: an ignored `shm_budgte` would leave the
+host unprotected without a word.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
 from pathlib import Path
 from typing import Any
 
-KEYS: dict[str, set[str]] = {
-    "": {"socket", "socket_mode", "socket_group", "preload", "shutdown_grace", "log_level",
-         "log_format", "sources", "s3", "memory", "limits", "tcp", "metrics", "cache", "cuda"},
-    "sources": {"allow", "allow_any"},
-    "s3": {"endpoint_url", "region", "profile", "addressing_style", "concurrency", "chunk_size",
-           "read_timeout", "connect_timeout", "attempts", "retry_budget", "range_deadline"},
-    "memory": {"shm_budget", "recycle"},
-    "limits": {"max_model_bytes", "max_concurrent_loads", "max_loads_per_client",
-               "max_concurrent_rpcs", "max_request_bytes", "max_tensors", "max_leases",
-               "max_control_calls", "max_transfer_calls"},
-    "tcp": {"listen", "cert", "key", "client_ca"},
-    "metrics": {"listen"},
-    "cache": {"dir", "budget"},
-    "cuda": {"api", "ring_slots", "slot_size", "copy_streams", "reserve", "fake_devices",
-             "fake_jitter"},
-}  # fmt: skip
+from tensorferry import _env
+from tensorferry.daemon.config_values import (
+    Parse,
+    Rule,
+    addressing_style,
+    allow_entries,
+    at_least,
+    between,
+    boolean,
+    fake_devices,
+    group_exists,
+    host_port,
+    integer,
+    is_file,
+    loopback,
+    number,
+    octal,
+    one_of,
+    optional_path,
+    optional_text,
+    parse_size,
+    size_text,
+    socket_length,
+    strings,
+    text,
+)
+from tensorferry.errors import ConfigError
+
+MiB = 1 << 20
+CUDA_APIS = ("auto", "cupy", "fake", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    #: The TOML table ("" for the top level) and the key's name in it.
+    section: str
+    name: str
+    default: Any
+    parse: Parse
+    rule: Rule | None
+    #: The "meaning" column of the documentation table (Markdown).
+    doc: str
+    #: The settings attribute, where it differs from ``name``.
+    field: str = ""
+    #: Older names, still read when ``name`` is absent.
+    aliases: tuple[str, ...] = ()
+    #: The default as the documentation shows it, where the value alone would mislead
+    #: (0 for "no limit").
+    shown: str = ""
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+    @property
+    def attr(self) -> str:
+        return self.field or self.name
+
+
+_OFF = "off"
+_KIB, _GIB = 1 << 10, 1 << 30
+_FAKE = '`api = "fake"` only (CI): '
+
+KEYS: tuple[Key, ...] = (
+    Key("", "socket", _env.DEFAULT_SOCKET, optional_path, socket_length,
+        "Unix socket (`--socket` and `$TENSORFERRY_SOCKET` win)"),
+    Key("", "socket_mode", 0o660, octal, None,
+        "socket permissions; arenas get the read bits of it (`440`)", shown='`"660"`'),
+    Key("", "socket_group", None, optional_text, group_exists,
+        "group owning the socket and arenas; workers join it"),
+    Key("", "preload", (), strings, None, "URIs loaded at start; READY does not wait for them"),
+    Key("", "shutdown_grace", 20.0, number, None, "seconds SIGTERM waits for leases to end"),
+    Key("", "log_level", "INFO", text, one_of(*logging.getLevelNamesMapping()),
+        "`$TENSORFERRY_LOG_LEVEL` and `serve --log-level` win"),
+    Key("", "log_format", "text", text, one_of("text", "json"),
+        "`json`: one object per line; every finished load with its timings"),
+    Key("sources", "allow", (), strings, allow_entries,
+        "`s3://bucket/prefix/` and absolute directories a load may name (`--allow` adds)",
+        shown="required"),
+    Key("sources", "allow_any", False, boolean, None,
+        "serve anything the credentials reach (same as `--allow-any-source`)",
+        field="allow_any_source"),
+    Key("s3", "endpoint_url", None, optional_text, None, "S3-compatible store",
+        shown="AWS (`$AWS_ENDPOINT_URL`)"),
+    Key("s3", "region", None, optional_text, None, "region for signing",
+        shown="botocore's chain"),
+    Key("s3", "profile", None, optional_text, None, "AWS profile for credentials",
+        shown="botocore's chain"),
+    Key("s3", "addressing_style", "auto", text, addressing_style,
+        "`path` for most S3-compatible stores, `virtual` or `auto` for AWS"),
+    Key("s3", "concurrency", 32, integer, between(1, 1024),
+        "range GETs in flight per load, each on its own keep-alive connection"),
+    Key("s3", "chunk_size", 8 * MiB, parse_size, between(64 * _KIB, _GIB, sizes=True),
+        "bytes per range GET"),
+    Key("s3", "read_timeout", 30.0, number, None,
+        "seconds without data before a GET is abandoned (and retried)"),
+    Key("s3", "connect_timeout", 10.0, number, None, "seconds to open a connection"),
+    Key("s3", "attempts", 5, integer, between(1, 100),
+        "attempts per range for errors that may pass (reset, 5xx, stall, bad range)"),
+    Key("s3", "retry_budget", 16, integer, None, "retries per load beyond one per 8 ranges"),
+    Key("s3", "range_deadline", 300.0, number, None, "wall-clock limit for one attempt"),
+    Key("memory", "shm_budget", 0, parse_size, None, "cap for CPU arenas together",
+        shown="MemAvailable"),
+    Key("memory", "recycle", 4 * _GIB, parse_size, None,
+        "freed arenas kept, mapped, to be refilled (no page zeroing); one between half and "
+        "twice a new model's size is shrunk or grown to it; yields to new loads",
+        field="recycle_bytes"),
+    Key("limits", "max_model_bytes", 0, parse_size, None, "largest single load",
+        shown="unlimited"),
+    Key("limits", "max_concurrent_loads", 8, integer, None,
+        "cold loads fetching at once; more are refused, not queued"),
+    Key("limits", "max_loads_per_client", 4, integer, None,
+        "per declared client name (fairness, not security)"),
+    Key("limits", "max_leases", 4096, integer, None,
+        "leases held at once: open Load calls, from request to end",
+        aliases=("max_concurrent_rpcs",)),
+    Key("limits", "max_control_calls", 64, integer, None,
+        "Status, List, Release and Evict calls open at once; counted apart, so a daemon "
+        "full of leases can still be inspected and freed"),
+    Key("limits", "max_transfer_calls", 256, integer, None,
+        "Preload and GetFile calls open at once"),
+    Key("limits", "max_request_bytes", 4 * MiB, parse_size, None, "largest request message"),
+    Key("limits", "max_tensors", 200_000, integer, at_least(1),
+        "tensors one model may have, all shards together; checked on the index and on each "
+        "header as it is parsed, before any arena"),
+    Key("tcp", "listen", None, optional_text, host_port,
+        "host:port for gRPC over TCP, TLS only", shown=_OFF),
+    Key("tcp", "cert", None, optional_path, is_file,
+        "PEM certificate chain of the server (needed with `listen`)"),
+    Key("tcp", "key", None, optional_path, is_file, "PEM key of the server (needed with `listen`)"),
+    Key("tcp", "client_ca", None, optional_path, is_file,
+        "PEM CA bundle; when set, clients must present a certificate it signed"),
+    Key("metrics", "listen", None, optional_text, loopback,
+        "`127.0.0.1:PORT`: Prometheus metrics, loopback only", field="metrics_listen",
+        shown=_OFF),
+    Key("cache", "dir", None, optional_path, None,
+        "the local disk tier: chunks of loaded models (crc32c-checked, LRU) so a reload "
+        "after eviction or restart skips the store", field="cache_dir", shown=_OFF),
+    Key("cache", "budget", 100 * _GIB, parse_size, None, "bytes the disk tier may hold",
+        field="cache_budget"),
+    Key("cuda", "api", "auto", text, one_of(*CUDA_APIS),
+        "`auto` (cupy if it imports and sees a GPU, else CPU only), `cupy`, `off`; `fake` is "
+        "CI's stand-in"),
+    Key("cuda", "ring_slots", 48, integer, between(2, 4096),
+        "pinned host slots, allocated once at start; busy until their copies are done, so "
+        "more slots than range GETs keep the link busy"),
+    Key("cuda", "slot_size", 0, parse_size, between(64 * _KIB, _GIB, sizes=True, or_zero=True),
+        "bytes per slot (one range GET fills one slot)", shown="`[s3] chunk_size`"),
+    Key("cuda", "copy_streams", 2, integer, between(1, 16),
+        "H2D copy streams per GPU; consecutive slots alternate between them"),
+    Key("cuda", "reserve", _GIB, parse_size, None,
+        "GPU memory each device keeps free when an arena is placed"),
+    Key("cuda", "fake_devices", (), fake_devices, None,
+        _FAKE + "`[[cuda.fake_devices]]` tables of `uuid` and `memory`, in the daemon's "
+        "numbering", shown="none"),
+    Key("cuda", "fake_jitter", 0.0, number, None,
+        _FAKE + "each copy first waits up to this many seconds, so streams complete out of "
+        "order"),
+)  # fmt: skip
+
+_BY_NAME = {key.dotted: key for key in KEYS}
+SECTIONS = tuple(dict.fromkeys(key.section for key in KEYS if key.section))
+
+
+def default(dotted: str) -> Any:
+    """The default of ``dotted`` ("s3.concurrency"), for a dataclass field."""
+    return _BY_NAME[dotted].default
+
+
+def read(data: dict[str, Any], section: str) -> dict[str, Any]:
+    """The parsed values ``section`` of a config file sets, by settings attribute."""
+    table = data.get(section, {}) if section else data
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}]: expected a table")
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        if key.section != section:
+            continue
+        for name in (key.name, *key.aliases):
+            if name in table:
+                where = f"{section}.{name}" if section else name
+                values[key.attr] = key.parse(table[name], where)
+                break
+    return values
+
+
+def check(settings: object, *sections: str) -> None:
+    """Apply the rules of ``sections``' keys to ``settings``' attributes (None is unset)."""
+    for key in KEYS:
+        if key.section in sections and key.rule is not None:
+            value = getattr(settings, key.attr)
+            problem = None if value is None else key.rule(value)
+            if problem:
+                raise ConfigError(f"{key.dotted}: {problem}")
 
 
 def unknown_key(data: dict[str, Any], path: Path) -> str | None:
     """A message naming the first unknown key of ``data`` (read from ``path``), or None."""
-    for section, allowed in KEYS.items():
+    for section in ("", *SECTIONS):
+        allowed = [n for k in KEYS if k.section == section for n in (k.name, *k.aliases)]
         table = data if not section else data.get(section, {})
+        if not section:
+            allowed += SECTIONS
         if not isinstance(table, dict):
             continue
-        for key in table:
-            if key not in allowed:
-                name = f"{section}.{key}" if section else key
-                close = difflib.get_close_matches(key, allowed, n=1)
+        for name in table:
+            if name not in allowed:
+                dotted = f"{section}.{name}" if section else name
+                close = difflib.get_close_matches(name, allowed, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 where = f"[{section}]" if section else "the top level"
-                return f"config file {path}: unknown key {name!r} in {where}{hint}"
+                return f"config file {path}: unknown key {dotted!r} in {where}{hint}"
     return None
+
+
+def shown_default(key: Key) -> str:
+    """The default as the documentation table shows it."""
+    value = key.default
+    if key.shown:
+        return key.shown
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if key.parse is parse_size:
+        return f"`{size_text(value)}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if isinstance(value, tuple):
+        return f"`{list(value)}`"
+    return f"`{value}`"
+
+
+def markdown_table() -> str:
+    """The configuration table of docs/operations.md."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key in KEYS:
+        name = f"[{key.section}] {key.name}" if key.section else key.name
+        doc = key.doc + "".join(f" (`{old}` is its old name, still read)" for old in key.aliases)
+        rows.append(f"| `{name}` | {shown_default(key)} | {doc} |")
+    return "\n".join(rows) + "\n"

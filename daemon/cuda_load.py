@@ -1,8 +1,9 @@
 """One cold load onto GPUs: plan -> GPU layout -> arenas -> ring fetch -> H2D -> settle.
 
-Fetchers take a ring slot, receive one range into it (with the same retries and checksum
-checks as the CPU path, ``fetch._fetch_one``), and hand it to the copy engine, which
-copies it to every target GPU before the slot is recycled: several GPUs cost one fetch.
+Fetchers (the CPU path's workers, ``fetch.fetch_ranges``, with the same retries and
+checksum checks) take a ring slot, receive one range into it, and hand it to the copy
+engine, which copies it to every target GPU before the slot is recycled: several GPUs
+cost one fetch.
 The arenas are announced only after every copy is complete and the copy streams are
 synchronised. On any failure or cancellation the arenas are released at once; a free
 waits for the copies already queued, and each slot comes back when its copies are done.
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from tensorferry.cuda import CudaError, DeviceInfo
-from tensorferry.daemon._tasks import task_group
 from tensorferry.daemon.cuda_runtime import CudaRuntime
-from tensorferry.daemon.fetch import FetchStats, RetryPolicy, _Budget, _fetch_one
+from tensorferry.daemon.fetch import Destination, FetchStats, RetryPolicy, fetch_ranges
 from tensorferry.daemon.gpu_layout import Job, gpu_layout
-from tensorferry.daemon.planner import Plan
+from tensorferry.daemon.planner import Plan, Range
+from tensorferry.daemon.ring import Slot
 from tensorferry.daemon.sinks.cuda import CudaArena
 from tensorferry.daemon.store.base import Store
 from tensorferry.errors import InternalError
@@ -32,43 +33,23 @@ class GpuLoaded:
     stats: FetchStats
 
 
-async def _worker(
-    store: Store, jobs: Iterator[Job], cuda: CudaRuntime, arenas: Sequence[CudaArena],
-    policy: RetryPolicy, budget: _Budget, stats: FetchStats, progress: Callable[[int], None],
-) -> None:  # fmt: skip
-    for job in jobs:
-        slot = await cuda.ring.acquire()
-        try:
-            r = job.range
-            await _fetch_one(store, r, slot.view[: r.length], policy, budget, stats)
-        except BaseException:
-            cuda.ring.release(slot)  # nothing was queued from it
-            raise
-        cuda.engine.submit(slot, job.pieces, arenas)
-        if not stats.first_byte:
-            stats.first_byte = time.monotonic()
-        stats.bytes += r.length
-        stats.ranges += 1
-        progress(r.length)
+class _IntoRing(Destination[Job, Slot]):
+    """Each range into a pinned ring slot, which then goes to the copy engine."""
 
+    def __init__(self, cuda: CudaRuntime, arenas: Sequence[CudaArena]) -> None:
+        self.acquire = cuda.ring.acquire
+        self._ring = cuda.ring
+        self._engine = cuda.engine
+        self._arenas = arenas
 
-async def ring_fetch(
-    store: Store, jobs: Sequence[Job], cuda: CudaRuntime, arenas: Sequence[CudaArena], *,
-    concurrency: int, policy: RetryPolicy | None = None,
-    progress: Callable[[int], None] = lambda n: None,
-) -> FetchStats:  # fmt: skip
-    """Fetch every job through the ring into the arenas; returns when all are queued."""
-    policy = policy or RetryPolicy()
-    stats = FetchStats(started=time.monotonic())
-    budget = _Budget(policy.budget + len(jobs) // 8)
-    shared = iter(jobs)
-    # More workers than slots would only queue on the ring.
-    workers = min(concurrency, cuda.ring.slots, len(jobs))
-    async with task_group() as tg:
-        for _ in range(workers):
-            tg.create_task(_worker(store, shared, cuda, arenas, policy, budget, stats, progress))
-    stats.finished = time.monotonic()
-    return stats
+    def place(self, job: Job, lent: Slot) -> tuple[Range, memoryview]:
+        return job.range, lent.view[: job.range.length]
+
+    def failed(self, lent: Slot) -> None:
+        self._ring.release(lent)  # nothing was queued from it
+
+    def landed(self, job: Job, lent: Slot) -> None:
+        self._engine.submit(lent, job.pieces, self._arenas)
 
 
 async def load_plan_cuda(
@@ -90,9 +71,11 @@ async def load_plan_cuda(
     try:
         for device in targets:
             arenas.append(cuda.sink.allocate(device, gpu_plan.arena_size, uri))
-        stats = await ring_fetch(
-            store, jobs, cuda, arenas, concurrency=concurrency, policy=policy, progress=progress
-        )
+        # More workers than slots would only queue on the ring.
+        stats = await fetch_ranges(
+            store, jobs, _IntoRing(cuda, arenas), concurrency=min(concurrency, cuda.ring.slots),
+            policy=policy, progress=progress,
+        )  # fmt: skip
         await cuda.engine.settle(arenas)
     except CudaError as exc:
         for arena in arenas:

@@ -84,7 +84,8 @@ def check_socket(settings: Settings, report: Report) -> None:
 
 async def _check_sources(settings: Settings, report: Report) -> None:
     from tensorferry.daemon.source import parse_uri
-    from tensorferry.daemon.store.s3 import S3Backend, S3Store
+    from tensorferry.daemon.store.factory import open_store
+    from tensorferry.daemon.store.s3 import S3Backend
 
     if not settings.allow:
         report("FAIL" if not settings.allow_any_source else "warn", "allowlist: empty",
@@ -98,7 +99,7 @@ async def _check_sources(settings: Settings, report: Report) -> None:
                 report("ok" if ok else "FAIL", f"allowlist {entry}: local directory", fix)
                 continue
             try:
-                await S3Store(backend, ref.bucket, ref.prefix, None).list_objects()
+                await open_store(ref, backend).list_objects()
             except Exception as exc:
                 report("FAIL", f"allowlist {entry}: {getattr(exc, 'message', exc)}",
                        "check credentials, region/endpoint and the bucket policy")  # fmt: skip

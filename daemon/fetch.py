@@ -8,26 +8,35 @@ budget; any other error, or an exhausted budget, cancels the rest.
 
 A range that carries chunk checksums (a prepared artifact) is verified in place once it
 has landed; a mismatch is read again, and one that persists is corrupt at rest.
+
+Both load paths share this one worker; a ``Destination`` says where each range lands: its
+own slice of a shared-memory arena (the CPU path, ``pipeline``), or a pinned ring slot
+lent per range and handed to the copy engine once filled (the GPU path, ``cuda_load``).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Generic, TypeVar, cast
 
 import crc32c
 
 from tensorferry.daemon._tasks import task_group
+from tensorferry.daemon.config_keys import default
 from tensorferry.daemon.planner import Range
 from tensorferry.daemon.store.base import Store
 from tensorferry.errors import DataLoss, StoreUnavailable
 
 log = logging.getLogger(__name__)
+J = TypeVar("J")  # one fetch job: a range, with whatever its destination needs
+S = TypeVar("S")  # what a destination lends for one range (a ring slot), None if nothing
 #: Reads of a range whose checksum fails before it counts as corrupt at rest.
 CHECKSUM_READS = 3
 #: Chunks at least this large are checksummed off the event loop (crc32c drops the GIL).
@@ -37,14 +46,14 @@ _THREAD_CRC_BYTES = 1 << 20
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
     #: Attempts per range, the first included.
-    attempts: int = 5
+    attempts: int = default("s3.attempts")
     #: Retries allowed per load, on top of one per 8 ranges (a few flaky ranges are
     #: normal; hundreds mean the store is down and the load should fail fast).
-    budget: int = 16
+    budget: int = default("s3.retry_budget")
     base_delay: float = 0.05
     max_delay: float = 2.0
     #: Wall-clock limit for one attempt at one range.
-    range_deadline: float = 300.0
+    range_deadline: float = default("s3.range_deadline")
 
     def delay(self, attempt: int) -> float:
         # "Full jitter": spreads retries of many ranges that failed together.
@@ -130,13 +139,42 @@ async def _fetch_one(
                     store.describe(r.obj), at)  # fmt: skip
 
 
+class Destination(abc.ABC, Generic[J, S]):
+    """Where each job's range lands, and what becomes of it once it has.
+
+    A destination with ``acquire`` lends a buffer for each range, waiting for a free one:
+    ``failed`` takes it back when the read fails, ``landed`` hands it on once it succeeds.
+    One without (an arena: every range has its own place) costs the worker no await.
+    """
+
+    acquire: Callable[[], Awaitable[S]] | None = None
+
+    @abc.abstractmethod
+    def place(self, job: J, lent: S) -> tuple[Range, memoryview]:
+        """The job's range and the memory it is read into."""
+
+    def failed(self, lent: S) -> None:
+        """The read failed or was cancelled: ``lent`` holds nothing to hand on."""
+
+    def landed(self, job: J, lent: S) -> None:
+        """The range is in place and verified."""
+
+
 async def _worker(
-    store: Store, ranges: Iterator[Range], dest: memoryview, policy: RetryPolicy,
+    store: Store, jobs: Iterator[J], dest: Destination[J, S], policy: RetryPolicy,
     budget: _Budget, stats: FetchStats, progress: Callable[[int], None],
 ) -> None:  # fmt: skip
-    for r in ranges:
-        view = dest[r.arena_offset : r.arena_offset + r.length]
-        await _fetch_one(store, r, view, policy, budget, stats)
+    acquire = dest.acquire
+    nothing = cast(S, None)  # what a destination that lends nothing is given back
+    for job in jobs:
+        lent = nothing if acquire is None else await acquire()
+        try:
+            r, view = dest.place(job, lent)
+            await _fetch_one(store, r, view, policy, budget, stats)
+        except BaseException:
+            dest.failed(lent)
+            raise
+        dest.landed(job, lent)
         if not stats.first_byte:
             stats.first_byte = time.monotonic()
         stats.bytes += r.length
@@ -146,20 +184,20 @@ async def _worker(
 
 async def fetch_ranges(
     store: Store,
-    ranges: Iterable[Range],
-    dest: memoryview,
+    jobs: Sequence[J],
+    dest: Destination[J, S],
     *,
     concurrency: int,
     policy: RetryPolicy | None = None,
     progress: Callable[[int], None] = lambda n: None,
 ) -> FetchStats:
+    """Read every job's range into ``dest``; returns once all have landed."""
     policy = policy or RetryPolicy()
     stats = FetchStats(started=time.monotonic())
-    todo = list(ranges)
-    budget = _Budget(policy.budget + len(todo) // 8)
-    shared = iter(todo)
+    budget = _Budget(policy.budget + len(jobs) // 8)
+    shared = iter(jobs)
     async with task_group() as tg:
-        for _ in range(min(concurrency, len(todo))):
+        for _ in range(min(concurrency, len(jobs))):
             tg.create_task(_worker(store, shared, dest, policy, budget, stats, progress))
     stats.finished = time.monotonic()
     return stats

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tensorferry.daemon.registry import LoadRecord
+    from tensorferry.daemon.records import LoadRecord
 
 log = logging.getLogger("tensorferry.loads")
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

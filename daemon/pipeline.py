@@ -6,11 +6,10 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from tensorferry.daemon.fetch import FetchStats, RetryPolicy, fetch_ranges
-from tensorferry.daemon.planner import Plan, make_plan
+from tensorferry.daemon.fetch import Destination, FetchStats, RetryPolicy, fetch_ranges
+from tensorferry.daemon.planner import Plan, Range
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.sinks.cuda import CudaArena
-from tensorferry.daemon.source import Source
 from tensorferry.daemon.store.base import Store
 from tensorferry.errors import ResourceExhausted
 
@@ -20,28 +19,16 @@ class Loaded:
     plan: Plan
     arena: ShmArena | CudaArena
     stats: FetchStats
-    #: A load onto several GPUs: the same model on the others (see daemon/placement.py).
-    replicas: tuple[Loaded, ...] = ()
 
 
-async def load_into_arena(
-    store: Store,
-    source: Source,
-    sink: CpuShmSink,
-    *,
-    chunk_size: int,
-    concurrency: int,
-    select: tuple[str, ...] = (),
-    policy: RetryPolicy | None = None,
-    max_model_bytes: int = 0,
-    on_plan: Callable[[Plan], None],
-    progress: Callable[[int], None],
-) -> Loaded:
-    return await load_plan(
-        store, make_plan(source, chunk_size, select), source.ref.uri, sink,
-        concurrency=concurrency, policy=policy, max_model_bytes=max_model_bytes,
-        on_plan=on_plan, progress=progress,
-    )  # fmt: skip
+class IntoArena(Destination[Range, None]):
+    """Each range into its own slice of the arena: nothing is lent, nothing handed on."""
+
+    def __init__(self, arena: memoryview) -> None:
+        self._arena = arena
+
+    def place(self, job: Range, lent: None) -> tuple[Range, memoryview]:
+        return job, self._arena[job.arena_offset : job.arena_offset + job.length]
 
 
 def check_model_size(plan: Plan, uri: str, max_model_bytes: int) -> None:
@@ -71,7 +58,7 @@ async def load_plan(
     arena = sink.allocate(plan.arena_size, uri)
     try:
         stats = await fetch_ranges(
-            store, plan.ranges, arena.view, concurrency=concurrency, policy=policy,
+            store, plan.ranges, IntoArena(arena.view), concurrency=concurrency, policy=policy,
             progress=progress,
         )  # fmt: skip
     except BaseException:

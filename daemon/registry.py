@@ -13,20 +13,18 @@ the others (its ``fan_out``) become ready, or fail, with it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import enum
 import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
-from tensorferry.daemon.logs import log_load
 from tensorferry.daemon.pipeline import Loaded
+from tensorferry.daemon.sinks import Sinks
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
-from tensorferry.daemon.sinks.cuda import CudaArena
 from tensorferry.errors import ModelEvicted, ModelNotFound, ResourceExhausted
 
 if TYPE_CHECKING:
@@ -110,37 +108,20 @@ class Eviction:
     refused_waiters: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LoadRecord:
-    uri: str
-    outcome: str
-    plan_seconds: float = 0.0
-    first_byte_seconds: float = 0.0
-    fetch_seconds: float = 0.0
-    total_seconds: float = 0.0
-    bytes: int = 0
-    error: str = ""
-    retries: int = 0
-    retry_causes: tuple[tuple[str, int], ...] = ()
+class ColdLoader(Protocol):
+    """What runs a model's load (daemon.loader.Loader): the registry only decides when."""
 
-
-class RecentLoads(collections.deque[LoadRecord]):
-    """The last loads, for Status; ``on_record`` feeds metrics as each one is added."""
-
-    on_record: Callable[[LoadRecord], None] = staticmethod(lambda record: None)
-
-    def append(self, record: LoadRecord) -> None:
-        super().append(record)
-        log_load(record)
-        self.on_record(record)
+    async def load(self, job: Any, model: Model) -> tuple[Loaded, ...]: ...
 
 
 class Registry:
     def __init__(
-        self, sink: CpuShmSink, tasks: asyncio.TaskGroup, max_loads: int = 0,
-        max_per_client: int = 0, cuda: CudaRuntime | None = None,
+        self, sink: CpuShmSink, tasks: asyncio.TaskGroup, loader: ColdLoader,
+        max_loads: int = 0, max_per_client: int = 0, cuda: CudaRuntime | None = None,
     ) -> None:  # fmt: skip
         self.sink = sink
+        self.sinks = Sinks(sink, None if cuda is None else cuda.sink)
+        self._loader = loader
         sink.reclaim = self.reclaim
         #: The daemon's CUDA side; None without a GPU (CPU loads only).
         self.cuda = cuda
@@ -153,7 +134,6 @@ class Registry:
         self._all: dict[str, Model] = {}
         self._seq = itertools.count(1)
         self._loads: set[asyncio.Task[None]] = set()
-        self.recent = RecentLoads(maxlen=32)
 
     @property
     def models(self) -> list[Model]:
@@ -167,13 +147,14 @@ class Registry:
         return self._by_key.get(key)
 
     def get_or_start(
-        self, key: ModelKey, uri: str, load: Callable[[Model], Awaitable[Loaded]],
-        client: str = "", fan_out: Sequence[ModelKey] = (),
+        self, key: ModelKey, uri: str, job: Any, client: str = "",
+        fan_out: Sequence[ModelKey] = (),
     ) -> tuple[Model, bool]:  # fmt: skip
         """The model for ``key`` and whether it was already there (loading or ready).
 
-        A new model's load runs in the registry's task group, not in the caller's task:
-        it outlives a caller that disconnects while others (or a preload) wait for it.
+        A new model's load (the loader's ``load(job, model)``) runs in the registry's task
+        group, not in the caller's task: it outlives a caller that disconnects while others
+        (or a preload) wait for it.
         ``fan_out``: more devices that get the same bytes from one fetch (a preload onto
         several GPUs); those not resident or loading join the load started here.
         """
@@ -183,7 +164,7 @@ class Registry:
             model.last_used = time.monotonic()
             model.aliases.add(uri)
             if missing:
-                self._start(missing[0], uri, load, client, missing[1:]).keep = True
+                self._start(missing[0], uri, job, client, missing[1:]).keep = True
             return model, True
         if self.max_loads and len(self._loads) >= self.max_loads:
             raise ResourceExhausted(
@@ -197,7 +178,7 @@ class Registry:
                 f"client ([limits] max_loads_per_client = {self.max_per_client}); retry when "
                 "one finishes"
             )
-        return self._start(key, uri, load, client, missing), False
+        return self._start(key, uri, job, client, missing), False
 
     def _new(self, key: ModelKey, uri: str, client: str) -> Model:
         model = Model(
@@ -209,33 +190,31 @@ class Registry:
         return model
 
     def _start(
-        self, key: ModelKey, uri: str, load: Callable[[Model], Awaitable[Loaded]],
-        client: str, fan_out: Sequence[ModelKey],
-    ) -> Model:  # fmt: skip
+        self, key: ModelKey, uri: str, job: Any, client: str, fan_out: Sequence[ModelKey]
+    ) -> Model:
         model = self._new(key, uri, client)
         for k in fan_out:
             follower = self._new(k, uri, client)
             follower.keep = True  # fan-out is for preloads: nobody waits on it to cancel
             model.fan_out.append(follower)
-        task = self._tasks.create_task(self._run(model, load))
+        task = self._tasks.create_task(self._run(model, job))
         model.task = task
         self._loads.add(task)
         task.add_done_callback(self._loads.discard)
         return model
 
-    async def _run(self, model: Model, load: Callable[[Model], Awaitable[Loaded]]) -> None:
+    async def _run(self, model: Model, job: Any) -> None:
         group = [model, *model.fan_out]
         try:
-            loaded = await load(model)
+            loaded = await self._loader.load(job, model)
         except BaseException as exc:
             for m in group:
                 self._fail(m, exc, model.evicted_by)
             if not isinstance(exc, Exception):
                 raise
             return
-        assert len(loaded.replicas) == len(model.fan_out), "one replica per extra device"
-        for m, result in zip(group, (loaded, *loaded.replicas), strict=True):
-            m.loaded = dataclasses.replace(result, replicas=())
+        for m, result in zip(group, loaded, strict=True):
+            m.loaded = result
             if m.state is State.LOADING:
                 m.state = State.READY
             m.done.set_result(m.loaded)
@@ -335,19 +314,15 @@ class Registry:
 
     def _maybe_free(self, model: Model) -> None:
         if model.state is State.EVICTING and not model.leases and model.loaded is not None:
-            self._release(model.loaded, recycle=not model.released_early)
+            self._release(model, recycle=not model.released_early)
             self._all.pop(model.id, None)
             log.info("freed model %s (%s)", model.id, model.uri)
 
-    def _release(self, loaded: Loaded, *, recycle: bool) -> None:
-        arena = loaded.arena
-        if isinstance(arena, CudaArena):
-            # Every importer closed its mapping before its lease ended (the client's
-            # order), so no worker maps the memory cudaFree returns.
-            assert self.cuda is not None
-            self.cuda.sink.release(arena)
-        else:
-            self.sink.release(arena, recycle=recycle)
+    def _release(self, model: Model, *, recycle: bool) -> None:
+        # A GPU arena: every importer closed its mapping before its lease ended (the
+        # client's order), so no worker maps the memory cudaFree returns.
+        assert model.loaded is not None
+        self.sinks.for_device(model.key.device).release(model.loaded.arena, recycle=recycle)
 
     def cancel_loads(self) -> None:
         for task in self._loads:
@@ -356,6 +331,6 @@ class Registry:
     def close(self) -> None:
         for model in list(self._all.values()):
             if model.loaded is not None:
-                self._release(model.loaded, recycle=False)
+                self._release(model, recycle=False)
         self._all.clear()
         self._by_key.clear()

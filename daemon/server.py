@@ -17,10 +17,13 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorferry.daemon import systemd
+from tensorferry.daemon.admission import Admission, Gate
 from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
 from tensorferry.daemon.cuda_runtime import open_cuda
+from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.metrics import Metrics
 from tensorferry.daemon.peers import serve_peers
+from tensorferry.daemon.records import RecentLoads
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.service import LoaderService
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
@@ -100,36 +103,38 @@ async def run_daemon(
         )
         backend = await stack.enter_async_context(S3Backend(settings.s3))
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
+        tier = None
+        if settings.cache_dir is not None:
+            tier = DiskTier(settings.cache_dir, settings.cache_budget)
+        recent = RecentLoads()
+        loader = Loader(settings, sink, cuda, backend, tier, recent)
         limits = settings.limits
         registry = Registry(
-            sink, tasks, limits.max_concurrent_loads, limits.max_loads_per_client, cuda=cuda
-        )
+            sink, tasks, loader, limits.max_concurrent_loads, limits.max_loads_per_client,
+            cuda=cuda,
+        )  # fmt: skip
         stack.callback(registry.close)
         if settings.metrics_listen:
             metrics = Metrics(registry)
-            registry.recent.on_record = metrics.observe
+            recent.subscribe(metrics.observe)
             backend.on_get = metrics.get_seconds.observe
             metrics.serve(settings.metrics_listen)
             stack.callback(metrics.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
-        service = LoaderService(settings, registry, backend, sink.instance)
-        if settings.cache_dir is not None:
-            service.tier = DiskTier(settings.cache_dir, settings.cache_budget)
-        limits = settings.limits
+        # Before the gRPC socket appears: a client that finds it also finds the peer socket.
+        peers = await stack.enter_async_context(
+            serve_peers(settings.socket, settings.socket_mode, settings.group_id())
+        )
+        service = LoaderService(settings, registry, loader, sink.instance, peers)
+        admission = Admission(limits)
         server = grpc.aio.server(
+            interceptors=[Gate(admission)],
             options=[
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.max_send_message_length", 64 << 20),
             ],
-            # Our own admission answers first, per class and with the numbers
-            # (service.admitted); the margin covers health checks.
-            maximum_concurrent_rpcs=(
-                limits.max_leases + limits.max_control_calls + limits.max_transfer_calls + 16
-            ),
-        )
-        # Before the gRPC socket appears: a client that finds it also finds the peer socket.
-        service.peers = await stack.enter_async_context(
-            serve_peers(settings.socket, settings.socket_mode, settings.group_id())
+            # The Gate answers first, per class and with the numbers.
+            maximum_concurrent_rpcs=admission.backstop,
         )
         pb_grpc.add_LoaderServicer_to_server(service, server)
         health = health_aio.HealthServicer()

@@ -1,7 +1,11 @@
-"""Start a tensorferry daemon as a subprocess beside a local store: demo, examples, benches.
+"""Start a tensorferry daemon as a subprocess: the one place tests, benches and examples
+spawn `tensorferry serve`.
 
-The daemon runs in its own process group (as systemd would run it) with an allowlist and
-the store's credentials in its environment; leaving the context stops it with SIGTERM.
+The daemon runs in its own process group (as systemd would run it), with an allowlist and
+the store's credentials in its environment. `run_daemon` is the whole lifecycle; tests use
+the parts (`write_config`, `spawn_daemon`, `wait_serving`) to hold on to a daemon that
+must crash, refuse or be killed. Keep ``workdir`` short (under /tmp): a Unix socket path
+longer than 107 bytes fails to bind.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from tensorferry.client import Client, TensorferryError
 from tensorferry.devtools.seaweed import S3Server
+from tensorferry.v1 import tensorferry_pb2 as pb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,38 +33,88 @@ class DaemonProcess:
     env: dict[str, str]
 
 
+def serve_argv(config: Path, socket: Path, args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
+            "--socket", str(socket), *args]  # fmt: skip
+
+
+def write_config(
+    workdir: Path, allow: Sequence[str], *, prelude: str = "", s3: str = "", extra: str = ""
+) -> Path:
+    """``workdir / "tensorferry.toml"``: top-level keys (``prelude``), the allowlist, path-style
+    S3 plus ``s3`` keys, then ``extra`` tables."""
+    allow_toml = ", ".join(f'"{a}"' for a in allow)
+    config = workdir / "tensorferry.toml"
+    config.write_text(
+        f'{prelude}[sources]\nallow = [{allow_toml}]\n[s3]\naddressing_style = "path"\n'
+        f"{s3}\n{extra}"
+    )
+    return config
+
+
+def spawn_daemon(
+    config: Path, socket: Path, env: Mapping[str, str], *, args: Sequence[str] = (),
+    log: Path | None = None,
+) -> subprocess.Popen[bytes]:  # fmt: skip
+    """`tensorferry serve` in a session of its own; its output goes to ``log`` when given.
+    It does not wait: see `wait_serving`."""
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(open(log, "ab")) if log is not None else None
+        return subprocess.Popen(
+            serve_argv(config, socket, args), env=dict(env), stdin=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+        )  # fmt: skip
+
+
+def wait_serving(
+    proc: subprocess.Popen[bytes], socket: Path, *, timeout: float = 30.0, log: Path | None = None
+) -> pb.StatusResponse:
+    """The daemon's first Status answer. If it exits or stays silent past ``timeout``, its
+    process group is killed and RuntimeError carries its log."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        # The socket file exists a moment before the daemon answers on it.
+        if socket.exists():
+            with contextlib.suppress(TensorferryError), Client(socket) as client:
+                return client.status()
+        time.sleep(0.05)
+    if proc.poll() is None:
+        why = f"did not answer on {socket} within {timeout} s"
+        kill_group(proc)
+    else:
+        why = f"exited with status {proc.returncode}"
+    output = log.read_text(errors="replace") if log is not None else ""
+    raise RuntimeError(f"the daemon {why}" + (f":\n{output}" if output else ""))
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL to the group if it has not stopped within ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+
+
 @contextlib.contextmanager
 def run_daemon(
     workdir: Path, s3: S3Server | None, allow: list[str], *, extra_config: str = "",
     start_timeout: float = 30.0, log: Path | None = None,
 ) -> Iterator[DaemonProcess]:  # fmt: skip
-    """The daemon on ``workdir / "tf.sock"``; its output goes to ``log`` when given."""
+    """The daemon on ``workdir / "tf.sock"`` until the block ends, then stopped with SIGTERM."""
     socket = workdir / "tf.sock"
-    config = workdir / "tensorferry.toml"
-    allow_toml = ", ".join(f'"{a}"' for a in allow)
-    config.write_text(
-        f'[sources]\nallow = [{allow_toml}]\n[s3]\naddressing_style = "path"\n{extra_config}'
-    )
-    env = {**os.environ, **(s3.env() if s3 else {}), "TENSORFERRY_SOCKET": str(socket)}
-    with contextlib.ExitStack() as files:
-        out = files.enter_context(open(log, "ab")) if log is not None else None
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tensorferry", "serve", "--config", str(config)],
-            env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None,
-        )  # fmt: skip
+    config = write_config(workdir, allow, extra=extra_config)
+    env = {**os.environ, **(s3.env() if s3 else {})}
+    proc = spawn_daemon(config, socket, env, log=log)
     try:
-        deadline = time.monotonic() + start_timeout
-        while not socket.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                where = f"; see {log}" if log is not None else ""
-                raise RuntimeError(f"the daemon did not start (exit status {proc.poll()}){where}")
-            time.sleep(0.05)
-        yield DaemonProcess(socket, proc, env)
+        wait_serving(proc, socket, timeout=start_timeout, log=log)
+        yield DaemonProcess(socket, proc, {**env, "TENSORFERRY_SOCKET": str(socket)})
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_daemon(proc)

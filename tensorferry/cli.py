@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tensorferry.errors import DaemonNotRunning, DaemonUnavailable, TensorferryError
+from tensorferry.errors import ConfigError, DaemonNotRunning, DaemonUnavailable, TensorferryError
 
 
 def _progress_bar(label: str) -> Any:
@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from tensorferry.daemon.config import ConfigError, load_settings
+    from tensorferry.daemon.config import load_settings
     from tensorferry.daemon.server import AlreadyRunning, install_signal_handlers, run_daemon
 
     try:
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", default="4KiB", help="every tensor's alignment (default 4KiB)")
     p.add_argument("--shard-plan", metavar="FILE", help="TOML rules: which tensors to split")
     p.add_argument("--tp", type=int, default=1, metavar="N", help="ranks to cut shards for")
+    p.add_argument("--config", help="TOML config file whose [s3] table reaches the store "
+                   "(default: $TENSORFERRY_CONFIG)")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_prepare)
     add("ls", "list resident models").set_defaults(func=_ls)
@@ -275,12 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ConfigError as exc:  # before its base class: a bad config exits 2, as serve's does
+        print(f"tensorferry {args.command}: {exc.message}", file=sys.stderr)
+        return 2
     except TensorferryError as exc:
         print(f"tensorferry {args.command}: {exc.message}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # ConfigError: a bad config file or value
-        print(f"tensorferry {args.command}: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -11,6 +11,7 @@
     ├── ModelNotFound           NOT_FOUND          (no resident model by that id or URI)
     ├── InvalidRequest          INVALID_ARGUMENT   (malformed URI, device, ...)
     ├── InvalidArtifact         INVALID_ARGUMENT   (not safetensors, unknown dtype, ...)
+    ├── ConfigError             INVALID_ARGUMENT   (a config file or value; never crosses gRPC)
     ├── ResourceExhausted       RESOURCE_EXHAUSTED (memory budget)
     ├── FailedPrecondition      FAILED_PRECONDITION
     ├── SourceChanged           ABORTED            (an object was replaced mid-load)
@@ -77,6 +78,16 @@ class InvalidRequest(TensorferryError):
 
 
 class InvalidArtifact(TensorferryError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ConfigError(TensorferryError, ValueError):
+    """A configuration value is invalid; the message names the key and the rule.
+
+    Still a ValueError, as it was before it joined this hierarchy, for callers that catch
+    that. Raised at start or by a CLI command, so it has no place in the status mapping.
+    """
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 

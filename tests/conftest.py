@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from tensorferry.client import Client
+from tensorferry.devtools.daemon import serve_argv, spawn_daemon, wait_serving, write_config
 from tensorferry.devtools.seaweed import S3Server, run_seaweed
 
 BUCKET = "models"
@@ -121,36 +121,13 @@ def start_daemon(
 ) -> Daemon:
     workdir = short_dir()
     socket = socket or workdir / "tf.sock"
-    config = workdir / "tensorferry.toml"
-    allow_toml = ", ".join(f'"{a}"' for a in allow)
     if "shutdown_grace" not in prelude:
         prelude += "shutdown_grace = 0\n"  # tests hold leases; don't wait for them at exit
-    config.write_text(
-        f"{prelude}[sources]\nallow = [{allow_toml}]\n"
-        f'[s3]\naddressing_style = "path"\n{s3_config}\n{extra_config}'
-    )
+    config = write_config(workdir, allow, prelude=prelude, s3=s3_config, extra=extra_config)
     log = workdir / "daemon.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
-             "--socket", str(socket), *args],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-    daemon = Daemon(socket, proc, log)
+    daemon = Daemon(socket, spawn_daemon(config, socket, env, args=args, log=log), log)
     if wait:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {proc.returncode}:\n{daemon.output()}")
-            if socket.exists():
-                with contextlib.suppress(Exception), daemon.client() as client:
-                    daemon.instance = client.status().instance_id
-                    break
-            if time.monotonic() > deadline:
-                daemon.stop(signal.SIGKILL)
-                raise RuntimeError(f"daemon did not come up:\n{daemon.output()}")
-            time.sleep(0.05)
+        daemon.instance = wait_serving(daemon.proc, socket, log=log).instance_id
     return daemon
 
 
@@ -159,8 +136,7 @@ def serve_refused(config_text: str, env: dict[str, str]) -> tuple[str, Path]:
     config = short_dir() / "c.toml"
     config.write_text(config_text)
     result = subprocess.run(
-        [sys.executable, "-m", "tensorferry", "serve", "--config", str(config),
-         "--socket", str(config.parent / "tf.sock")],
+        serve_argv(config, config.parent / "tf.sock"),
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr

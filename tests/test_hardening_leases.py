@@ -154,16 +154,15 @@ def test_getfile_and_preload_are_admitted_as_transfers(local_root: Path, uri: st
 
 
 def test_control_calls_have_a_cap_of_their_own() -> None:
-    from tensorferry.daemon.config import Limits, Settings
-    from tensorferry.daemon.service import CallKind, LoaderService
+    from tensorferry.daemon.admission import Admission, CallKind
+    from tensorferry.daemon.config import Limits
 
-    settings = Settings(limits=Limits(max_control_calls=1, max_leases=1))
-    service = LoaderService(settings, None, None, "test")  # type: ignore[arg-type]
+    gate = Admission(Limits(max_control_calls=1, max_leases=1))
     with (
-        service.admitted(CallKind.LEASE),
-        service.admitted(CallKind.CONTROL),
+        gate.admitted(CallKind.LEASE),
+        gate.admitted(CallKind.CONTROL),
         pytest.raises(ResourceExhausted) as full,
-        service.admitted(CallKind.CONTROL),
+        gate.admitted(CallKind.CONTROL),
     ):
         pass
     assert full.value.message == (
@@ -309,3 +308,11 @@ async def test_the_async_client_releases_its_lease_and_sees_why_it_ended(
             assert model.lease_end == "released"
             assert (await client.status()).models[0].leases == 0
             model.close()
+
+
+def test_every_rpc_of_the_service_has_an_admission_class() -> None:
+    from tensorferry.daemon.admission import KINDS
+    from tensorferry.v1 import tensorferry_pb2 as pb
+
+    methods = pb.DESCRIPTOR.services_by_name["Loader"].methods_by_name
+    assert sorted(KINDS) == sorted(methods)

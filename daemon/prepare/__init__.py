@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tensorferry.daemon.config import ConfigError, S3Settings, parse_size
+from tensorferry.daemon.config import ConfigError, S3Settings, load_s3_settings, parse_size
 from tensorferry.daemon.manifest import (
     MANIFEST_NAME,
     MAX_ALIGN,
@@ -23,9 +23,8 @@ from tensorferry.daemon.prepare.outputs import Destination, LocalDestination, S3
 from tensorferry.daemon.prepare.run import Options, ProgressFn, Result, run_prepare
 from tensorferry.daemon.prepare.shardplan import check_world_size, load_shard_plan
 from tensorferry.daemon.source import SourceRef, parse_uri
-from tensorferry.daemon.store.base import Store
-from tensorferry.daemon.store.local import LocalStore
-from tensorferry.daemon.store.s3 import S3Backend, S3Store
+from tensorferry.daemon.store.factory import open_store
+from tensorferry.daemon.store.s3 import S3Backend
 from tensorferry.errors import InvalidRequest
 
 
@@ -51,18 +50,16 @@ def _refs(src: str, dst: str) -> tuple[SourceRef, SourceRef]:
     return src_ref, dst_ref
 
 
-async def prepare(options: Options, progress: ProgressFn | None = None) -> Result:
-    """Prepare ``options.src`` into ``options.dst`` (local directories or s3:// prefixes)."""
+async def prepare(
+    options: Options, progress: ProgressFn | None = None, *, s3: S3Settings | None = None
+) -> Result:
+    """Prepare ``options.src`` into ``options.dst`` (local directories or s3:// prefixes);
+    ``s3``: how to reach the store (the CLI reads a config file's ``[s3]``), else defaults."""
     check_sizes(options.chunk_size, options.align)
     check_world_size(options.world_size, options.plan)
     src, dst = _refs(options.src, options.dst)
-    async with S3Backend(S3Settings()) as backend:
-        store: Store
-        if src.scheme == "s3":
-            store = S3Store(backend, src.bucket, src.prefix, src.single)
-        else:
-            assert src.path is not None
-            store = LocalStore(src.path, src.uri.removesuffix(src.single or ""), src.single)
+    async with S3Backend(s3 or S3Settings()) as backend:
+        store = open_store(src, backend)
         dest: Destination
         if dst.scheme == "s3":
             dest = S3Destination(backend, dst.bucket, dst.prefix)
@@ -94,13 +91,14 @@ def main(args: argparse.Namespace, progress: ProgressFn | None) -> int:
     import uvloop
 
     options = options_from_args(args)
+    s3 = load_s3_settings(args.config)
 
     async def run() -> Result:
         task = asyncio.current_task()
         assert task is not None
         # SIGTERM unwinds like Ctrl-C: open multipart uploads are aborted on the way out.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await prepare(options, progress)
+        return await prepare(options, progress, s3=s3)
 
     try:
         result = uvloop.run(run())

@@ -23,8 +23,10 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tensorferry.errors import FailedPrecondition, ResourceExhausted
+from tensorferry.v1 import tensorferry_pb2 as pb
 
 log = logging.getLogger(__name__)
 PREFIX = "tensorferry."
@@ -54,6 +56,14 @@ def mem_available() -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShmUsage:
+    resident: int
+    recycled: int  # freed arenas kept mapped for reuse
+    budget: int  # [memory] shm_budget, or MemAvailable plus what the daemon holds
+    arenas: list[str]
+
+
 @dataclasses.dataclass(eq=False)
 class ShmArena:
     name: str
@@ -65,6 +75,9 @@ class ShmArena:
     def view(self) -> memoryview:
         assert self._map is not None, "arena already unmapped"
         return memoryview(self._map)
+
+    def grant(self) -> dict[str, Any]:
+        return {"cpu_shm": pb.CpuShmGrant(name=self.name, size=self.size)}
 
     def detach(self) -> mmap.mmap | None:
         mapping, self._map = self._map, None
@@ -384,6 +397,11 @@ class CpuShmSink:
             _close(mapping, arena.name)
         with contextlib.suppress(FileNotFoundError):
             arena.path.unlink()
+
+    def usage(self) -> ShmUsage:
+        # Without a budget the ceiling is what the host could still give, plus what we hold.
+        ceiling = self.budget or mem_available() + self.used + self.recycled_bytes
+        return ShmUsage(self.used, self.recycled_bytes, ceiling, self.arena_names)
 
     @property
     def arena_names(self) -> list[str]:

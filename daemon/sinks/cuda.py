@@ -14,9 +14,11 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from tensorferry.cuda import CudaApi, CudaError, DeviceInfo, DeviceMemory
 from tensorferry.errors import InternalError, ResourceExhausted
+from tensorferry.v1 import tensorferry_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ class CudaArena:
     @property
     def ordinal(self) -> int:
         return self.device.ordinal
+
+    def grant(self) -> dict[str, Any]:
+        ipc = pb.CudaIpcGrant(
+            handle=self.handle, size=self.size, gpu_uuid=self.device.uuid,
+            pci_bus_id=self.device.pci_bus_id,
+        )  # fmt: skip
+        return {"cuda_ipc": ipc}
 
     def copy_queued(self) -> None:
         self.inflight += 1
@@ -124,8 +133,12 @@ class CudaSink:
         log.debug("arena %s: %d bytes on %s for %s", arena.name, size, device.uuid, what)
         return arena
 
-    def release(self, arena: CudaArena) -> None:
-        """Free the arena now, or once the copies queued into it are complete."""
+    def release(self, arena: CudaArena, *, recycle: bool = True) -> None:
+        """Free the arena now, or once the copies queued into it are complete.
+
+        GPU arenas are never kept for reuse (``recycle`` is for the interface): cudaMalloc
+        of a whole arena is cheap next to its fill, unlike fresh tmpfs pages.
+        """
         if arena.name not in self._arenas or arena.freeing:
             return
         arena.freeing = True

@@ -67,6 +67,10 @@ class S3Backend:
         #: Called with each successful range GET's duration (metrics).
         self.on_get: Callable[[float], None] = lambda seconds: None
 
+    def connections(self) -> tuple[int, int]:
+        """Keep-alive connections to object stores: (open, busy carrying a request)."""
+        return self.pool.open_connections, self.pool.busy_connections
+
     async def __aenter__(self) -> S3Backend:
         from aiobotocore.config import AioConfig
         from aiobotocore.session import AioSession

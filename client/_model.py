@@ -1,0 +1,81 @@
+"""`LoadedModel`: a lease's tensors, as the sync and the async client both hand them out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from tensorferry.v1 import tensorferry_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+    from tensorferry.client._cuda import CudaTarget
+
+
+class LoadedModel:
+    """A resident model's tensors, as zero-copy views of the daemon's arena.
+
+    ``close()`` drops this object's references; the lease ends when the last view is
+    gone, so a tensor kept past ``close()`` stays valid.
+    """
+
+    def __init__(
+        self,
+        ready: pb.Ready,
+        tensors: dict[str, torch.Tensor],
+        lease_end: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self._lease_end = lease_end
+        self.model_id = ready.model_id
+        self.lease_id = ready.lease_id
+        self.total_bytes = ready.total_bytes
+        self.attached = ready.attached
+        self.seconds = ready.seconds
+        self.files = list(ready.files)
+        self.tensors = tensors
+
+    @property
+    def lease_end(self) -> str | None:
+        """None while the lease is held; then why it ended: "released" (Release),
+        "shutdown" (the daemon stopped), "closed" (this process ended it), "lost" (the
+        connection to the daemon broke)."""
+        return self._lease_end()
+
+    def close(self) -> None:
+        self.tensors = {}
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LoadedModel {self.model_id} tensors={len(self.tensors)} bytes={self.total_bytes}>"
+
+
+def attach_model(
+    ready: pb.Ready,
+    target: CudaTarget | None,
+    table: list[pb.TensorInfo],
+    end_lease: Callable[[], None],
+    lease_end: Callable[[], str | None],
+) -> LoadedModel:
+    """Map the ready event's grant and build the views; the lease ends if mapping fails.
+
+    ``end_lease`` runs once the last view is gone, maybe on another thread (the garbage
+    collector's); ``lease_end`` answers `LoadedModel.lease_end`.
+    """
+    # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
+    from tensorferry.client._views import build_views, map_grant
+
+    try:
+        flat = map_grant(ready, target, end_lease)
+    except BaseException:
+        end_lease()
+        raise
+    return LoadedModel(ready, build_views(flat, table), lease_end)

@@ -1,0 +1,178 @@
+"""Load orchestration: what a request names, and the cold load of a model.
+
+The service asks ``target`` what a request names: its source listed, the key of the
+resident model it maps to. When no model has that key, the registry runs the target's cold
+load through ``load``: plan (plain safetensors or a prepared artifact), then placement on
+the model's devices, recorded in ``recent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from tensorferry.daemon.config import Settings
+from tensorferry.daemon.fetch import RetryPolicy
+from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
+from tensorferry.daemon.manifest import Manifest
+from tensorferry.daemon.pipeline import Loaded
+from tensorferry.daemon.placement import place_plan
+from tensorferry.daemon.planner import Plan, make_plan
+from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared, read_manifest
+from tensorferry.daemon.records import LoadRecord, RecentLoads
+from tensorferry.daemon.registry import Model, ModelKey
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.source import Source, SourceRef, list_source, read_source
+from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.store.cache import DiskTier
+from tensorferry.daemon.store.factory import open_store
+from tensorferry.errors import TensorferryError
+
+if TYPE_CHECKING:
+    from tensorferry.daemon.cuda_runtime import CudaRuntime
+    from tensorferry.daemon.store.s3 import S3Backend
+
+log = logging.getLogger(__name__)
+#: A prepared artifact's manifest and the store's object for each of its data objects.
+Prepared = tuple[Manifest, tuple[ObjectInfo, ...]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """A request resolved against its source: the model it names and how to load it."""
+
+    ref: SourceRef
+    store: Store
+    listing: list[ObjectInfo]
+    key: ModelKey
+    #: More devices filled by the same fetch (a preload onto several GPUs).
+    fan_out: tuple[ModelKey, ...]
+    #: The selection as asked (the key holds the tensor set it resolves to).
+    select: tuple[str, ...]
+    #: Headers or manifest read while keying the selection: the cold load reuses them.
+    source: Source | Prepared | None
+    #: When the request arrived: every timing of its load record counts from here.
+    t0: float
+
+
+class Loader:
+    def __init__(
+        self, settings: Settings, cpu: CpuShmSink, cuda: CudaRuntime | None,
+        backend: S3Backend | None, tier: DiskTier | None, recent: RecentLoads,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.cpu = cpu
+        self.cuda = cuda
+        self.backend = backend
+        self.tier = tier
+        self.recent = recent
+        #: Tensor names of recently read sources: selections are keyed by what they pick.
+        self.names = TensorNames()
+        s3 = settings.s3
+        self.policy = RetryPolicy(
+            attempts=s3.attempts, budget=s3.retry_budget, range_deadline=s3.range_deadline
+        )
+
+    def open(self, ref: SourceRef) -> Store:
+        return open_store(ref, self.backend, self.tier)
+
+    async def target(
+        self, ref: SourceRef, devices: list[str], select: tuple[str, ...], rank: int,
+        world_size: int, t0: float,
+    ) -> Target:  # fmt: skip
+        store = self.open(ref)
+        listing = await list_source(ref, store)
+        weights = (weights_id(store.uri, listing), weights_version(listing))
+        source: Source | Prepared | None = None
+        if select and not self.names.known(weights):
+            # The selection is keyed by the tensors it picks: read the names now (the cold
+            # load that follows uses this read).
+            if is_prepared(listing):
+                source = await self._read_manifest(store, listing)
+            else:
+                source = await self._read_source(ref, store, listing)
+        key = ModelKey(
+            *weights, devices[0], self.names.selection_key(weights, select), rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
+        fan_out = tuple(dataclasses.replace(key, device=d) for d in devices[1:])
+        return Target(ref, store, listing, key, fan_out, select, source, t0)
+
+    async def weights_of(self, ref: SourceRef) -> str:
+        """The weights id of a source, or "" when it cannot be listed (for Evict)."""
+        try:
+            store = self.open(ref)
+            return weights_id(store.uri, await list_source(ref, store))
+        except TensorferryError:
+            return ""
+
+    async def _read_source(self, ref: SourceRef, store: Store, listing: list[ObjectInfo]) -> Source:
+        limit = self.settings.limits.max_tensors
+        source = await read_source(ref, store, listing, max_tensors=limit)
+        weights = (weights_id(store.uri, listing), weights_version(listing))
+        self.names.remember(weights, (t.name for _, header in source.files for t in header.tensors))
+        return source
+
+    async def _read_manifest(self, store: Store, listing: list[ObjectInfo]) -> Prepared:
+        prepared = await read_manifest(store, listing)
+        weights = (weights_id(store.uri, listing), weights_version(listing))
+        self.names.remember(weights, (t.name for t in prepared[0].tensors))
+        return prepared
+
+    async def _plan(self, target: Target) -> Plan:
+        key, source, chunk = target.key, target.source, self.settings.s3.chunk_size
+        if is_prepared(target.listing):
+            if not isinstance(source, tuple):
+                source = await self._read_manifest(target.store, target.listing)
+            return plan_prepared(
+                *source, target.ref.uri, chunk_size=chunk, select=target.select,
+                rank=key.rank, world_size=key.world_size,
+            )  # fmt: skip
+        check_unsharded(target.ref.uri, key.world_size)
+        if not isinstance(source, Source):
+            source = await self._read_source(target.ref, target.store, target.listing)
+        return make_plan(source, chunk, target.select)
+
+    async def load(self, target: Target, model: Model) -> tuple[Loaded, ...]:
+        """The cold load of ``model`` and its fan-out models (one fetch for all): one
+        result per model, ``model``'s first."""
+        uri, t0 = target.ref.uri, target.t0
+        plan_done = 0.0
+
+        def on_plan(plan: Plan) -> None:
+            nonlocal plan_done
+            plan_done = time.monotonic()
+            model.bytes_total = plan.fetch_bytes
+
+        def progress(n: int) -> None:
+            model.bytes_done += n
+
+        try:
+            plan = await self._plan(target)
+            devices = [model.key.device, *(m.key.device for m in model.fan_out)]
+            loaded = await place_plan(
+                target.store, plan, uri, devices, self.cpu, self.cuda,
+                concurrency=self.settings.s3.concurrency, policy=self.policy,
+                max_model_bytes=self.settings.limits.max_model_bytes, on_plan=on_plan,
+                progress=progress,
+            )  # fmt: skip
+        except BaseException as exc:
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+            self.recent.append(LoadRecord(uri, outcome, error=str(exc)))
+            raise
+        st, end = loaded[0].stats, time.monotonic()
+        self.recent.append(
+            LoadRecord(
+                uri, "ready", plan_done - t0, (st.first_byte or end) - t0,
+                st.finished - st.started, end - t0, st.bytes,
+                retries=st.retries, retry_causes=tuple(sorted(st.causes.items())),
+            )
+        )  # fmt: skip
+        log.info(
+            "loaded %s: %d bytes in %.2f s (%.2f GB/s)", uri, st.bytes, end - t0,
+            st.bytes / max(end - t0, 1e-9) / 1e9,
+        )  # fmt: skip
+        return loaded

@@ -1,0 +1,44 @@
+"""The last loads and how each went, for Status, the log and metrics."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+
+from tensorferry.daemon.logs import log_load
+
+RECENT_LOADS = 32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadRecord:
+    """One load. Every *_seconds but fetch_seconds counts from the request's arrival."""
+
+    uri: str
+    outcome: str  # ready, attached, failed, cancelled
+    plan_seconds: float = 0.0
+    first_byte_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    total_seconds: float = 0.0
+    bytes: int = 0
+    error: str = ""
+    retries: int = 0
+    retry_causes: tuple[tuple[str, int], ...] = ()
+
+
+class RecentLoads(collections.deque[LoadRecord]):
+    """The last loads; each one added is also logged and handed to the subscribers."""
+
+    def __init__(self, maxlen: int = RECENT_LOADS) -> None:
+        super().__init__(maxlen=maxlen)
+        self._subscribers: list[Callable[[LoadRecord], None]] = []
+
+    def subscribe(self, on_record: Callable[[LoadRecord], None]) -> None:
+        self._subscribers.append(on_record)
+
+    def append(self, record: LoadRecord) -> None:
+        super().append(record)
+        log_load(record)
+        for on_record in self._subscribers:
+            on_record(record)

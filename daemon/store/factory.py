@@ -1,0 +1,28 @@
+"""A store for a source URI: the one place that picks the backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tensorferry.daemon.source import SourceRef
+from tensorferry.daemon.store.base import Store
+from tensorferry.daemon.store.cache import CachingStore, DiskTier
+from tensorferry.daemon.store.local import LocalStore
+
+if TYPE_CHECKING:
+    from tensorferry.daemon.store.s3 import S3Backend
+
+
+def open_store(ref: SourceRef, backend: S3Backend | None, tier: DiskTier | None = None) -> Store:
+    """The store of ``ref`` (S3 through ``backend``), behind the disk tier when there is one."""
+    store: Store
+    if ref.scheme == "s3":
+        # Imported here: a daemon serving local directories only needs no aiobotocore.
+        from tensorferry.daemon.store.s3 import S3Store
+
+        assert backend is not None, "an s3:// source needs the S3 backend"
+        store = S3Store(backend, ref.bucket, ref.prefix, ref.single)
+    else:
+        assert ref.path is not None
+        store = LocalStore(ref.path, ref.uri.removesuffix(ref.single or ""), ref.single)
+    return store if tier is None else CachingStore(store, tier)
