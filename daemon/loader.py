@@ -18,12 +18,12 @@ from tensorferry.daemon.config import Settings
 from tensorferry.daemon.fetch import RetryPolicy
 from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
 from tensorferry.daemon.manifest import Manifest
+from tensorferry.daemon.model import Model, ModelKey
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.placement import place_plan
 from tensorferry.daemon.planner import Plan, make_plan
 from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared, read_manifest
 from tensorferry.daemon.records import LoadRecord, RecentLoads
-from tensorferry.daemon.registry import Model, ModelKey
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
 from tensorferry.daemon.source import Source, SourceRef, list_source, read_source
 from tensorferry.daemon.store.base import ObjectInfo, Store

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 
 from tensorferry.daemon.logs import log_load
+from tensorferry.v1 import tensorferry_pb2 as pb
 
 RECENT_LOADS = 32
 
@@ -42,3 +43,13 @@ class RecentLoads(collections.deque[LoadRecord]):
         log_load(record)
         for on_record in self._subscribers:
             on_record(record)
+
+
+def as_message(r: LoadRecord) -> pb.LoadRecord:
+    return pb.LoadRecord(
+        uri=r.uri, outcome=r.outcome, plan_seconds=r.plan_seconds,
+        first_byte_seconds=r.first_byte_seconds, fetch_seconds=r.fetch_seconds,
+        total_seconds=r.total_seconds, bytes=r.bytes,
+        gbps=r.bytes / r.total_seconds / 1e9 if r.total_seconds else 0.0,
+        error=r.error, retries=r.retries, retry_causes=dict(r.retry_causes),
+    )  # fmt: skip

@@ -21,9 +21,10 @@ from tensorferry._peer import LEASE_END_KEY
 from tensorferry.daemon.config import Settings
 from tensorferry.daemon.devices import resolve_devices
 from tensorferry.daemon.loader import Loader
+from tensorferry.daemon.model import State
 from tensorferry.daemon.peers import Peer, Peers
-from tensorferry.daemon.records import LoadRecord
-from tensorferry.daemon.registry import Model, Registry, State
+from tensorferry.daemon.records import LoadRecord, as_message
+from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.requests import check_rank, check_select, extra_files
 from tensorferry.daemon.sinks.cpu_shm import ShmUsage
 from tensorferry.daemon.source import check_allowed, list_source, parse_uri
@@ -259,19 +260,8 @@ class LoaderService(pb_grpc.LoaderServicer):
             data = await store.read(obj, offset, min(FILE_CHUNK, obj.size - offset))
             yield pb.FileChunk(data=data, offset=offset, size=obj.size)
 
-    def _model_info(self, model: Model) -> pb.ModelInfo:
-        loaded = model.loaded
-        return pb.ModelInfo(
-            model_id=model.id, uri=model.uri, device=model.key.device,
-            version=model.key.version, state=model.state.value,
-            bytes=loaded.arena.size if loaded else 0,
-            tensor_count=len(loaded.plan.tensors) if loaded else 0,
-            leases=len(model.leases), lease_clients=sorted(model.leases.values()),
-            pinned=model.pinned, waiting=model.waiters,
-        )  # fmt: skip
-
     async def List(self, request: pb.ListRequest, context: Context) -> pb.ListResponse:
-        return pb.ListResponse(models=[self._model_info(m) for m in self.registry.models])
+        return pb.ListResponse(models=[m.info() for m in self.registry.models])
 
     async def Evict(self, request: pb.EvictRequest, context: Context) -> pb.EvictResponse:
         if not request.model:
@@ -297,19 +287,9 @@ class LoaderService(pb_grpc.LoaderServicer):
         return pb.StatusResponse(
             version=__version__, instance_id=self.instance, pid=os.getpid(),
             uptime_seconds=time.monotonic() - self.started,
-            models=[self._model_info(m) for m in self.registry.models],
-            recent_loads=[_record(r) for r in self.loader.recent],
+            models=[m.info() for m in self.registry.models],
+            recent_loads=[as_message(r) for r in self.loader.recent],
             resident_bytes=shm.resident, recycled_bytes=shm.recycled,
             shm_budget_bytes=shm.budget, arenas=shm.arenas,
             store_connections_open=connections[0], store_connections_busy=connections[1],
         )  # fmt: skip
-
-
-def _record(r: LoadRecord) -> pb.LoadRecord:
-    return pb.LoadRecord(
-        uri=r.uri, outcome=r.outcome, plan_seconds=r.plan_seconds,
-        first_byte_seconds=r.first_byte_seconds, fetch_seconds=r.fetch_seconds,
-        total_seconds=r.total_seconds, bytes=r.bytes,
-        gbps=r.bytes / r.total_seconds / 1e9 if r.total_seconds else 0.0,
-        error=r.error, retries=r.retries, retry_causes=dict(r.retry_causes),
-    )  # fmt: skip

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tensorferry.client import Client, LoadedModel
 from tensorferry.daemon import server
-from tensorferry.daemon.sinks import cpu_shm
+from tensorferry.daemon.sinks import shm_names
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.errors import FailedPrecondition
@@ -112,7 +112,7 @@ async def test_a_name_collision_is_retried_and_replaces_nothing(
         for name in taken:
             (tmp_path / name).write_text("not yours")
         offers = iter(["a" * 32, "c" * 32, "b" * 32, "d" * 32])
-        monkeypatch.setattr(cpu_shm, "_token", lambda: next(offers), raising=False)
+        monkeypatch.setattr(shm_names, "_token", lambda: next(offers), raising=False)
         first = sink.allocate(mib, "m1")
         assert first.name == prefix + "c" * 32
         first.view[:4] = b"old!"
@@ -122,7 +122,7 @@ async def test_a_name_collision_is_retried_and_replaces_nothing(
             prefix + "free-" + "d" * 32,
         ]
         assert sink.recycled_bytes == mib
-        monkeypatch.setattr(cpu_shm, "_token", lambda: "e" * 32)
+        monkeypatch.setattr(shm_names, "_token", lambda: "e" * 32)
         second = sink.allocate(mib, "m2")  # the freed pages, under a new name
         assert bytes(second.view[:4]) == b"old!"
         sink.release(second, recycle=False)
@@ -135,7 +135,7 @@ async def test_names_that_are_always_taken_fail_the_load_with_a_reason(
 ) -> None:
     async with CpuShmSink(tmp_path) as sink:
         (tmp_path / f"tensorferry.{sink.instance}.{'a' * 32}").write_text("not yours")
-        monkeypatch.setattr(cpu_shm, "_token", lambda: "a" * 32, raising=False)
+        monkeypatch.setattr(shm_names, "_token", lambda: "a" * 32, raising=False)
         with pytest.raises(FailedPrecondition) as err:
             sink.allocate(1 << 20, "m1")
         assert str(err.value) == (

@@ -1,51 +1,27 @@
 """CPU arenas: one /dev/shm segment per model, shared with workers by name.
 
-Segments are named ``tensorferry.<instance>.<token>`` (freed ones kept for reuse
-``tensorferry.<instance>.free-<token>``), with 128 random bits in each token: /dev/shm is
-world-writable, and any local user could create a name we are about to use. A taken name is
-skipped for another, and no name is ever renamed onto (rename(2) would replace the file).
-
-Each daemon instance holds an flock on ``tensorferry.<instance>.lock`` for its whole life;
-the lock is taken before the file gets that name, so no other daemon ever finds it free. At
-start a daemon removes the files of every instance whose lock is free or gone: its owner is
-dead. PIDs are not used, as they repeat across containers and restarts.
+Segments are created, named and swept through ``shm_names.ShmNames``; this module sizes,
+maps, recycles and releases them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import mmap
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tensorferry.daemon.sinks.shm_names import FREE, ShmNames
 from tensorferry.errors import FailedPrecondition, ResourceExhausted
 from tensorferry.v1 import tensorferry_pb2 as pb
 
 log = logging.getLogger(__name__)
-PREFIX = "tensorferry."
-FREE = "free-"
-# With 128-bit names a taken one is another user's doing, never chance; give up after a few.
-_NAME_ATTEMPTS = 8
 _MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module does not name it
-
-
-def _token() -> str:
-    return secrets.token_hex(16)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the file open at ``fd`` (not unlinked or replaced)."""
-    try:
-        return os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd))
-    except FileNotFoundError:
-        return False
 
 
 def mem_available() -> int:
@@ -121,59 +97,18 @@ class CpuShmSink:
         self.recycled_bytes = 0
         self._free: list[_Freed] = []
         self.budget = budget
-        self.instance = secrets.token_hex(6)
+        self.names = ShmNames(shm_dir, mode)
         self.used = 0
         self._arenas: dict[str, ShmArena] = {}
-        self._lock_fd: int | None = None
 
     @property
-    def _lock_path(self) -> Path:
-        return self.shm_dir / f"{PREFIX}{self.instance}.lock"
+    def instance(self) -> str:
+        return self.names.instance
 
     async def __aenter__(self) -> CpuShmSink:
-        self.sweep()
-        self._lock_instance()
+        self.names.sweep()
+        self.names.lock()
         return self
-
-    def _lock_instance(self) -> None:
-        """Lock a file under a name of its own, then link it into place, locked.
-
-        Created and then locked at its final name, the lock would be free for a moment, and
-        a daemon sweeping just then would take it for a dead one's and unlink it.
-        """
-        for _ in range(_NAME_ATTEMPTS):
-            staging = self.shm_dir / f"{PREFIX}{self.instance}.locking-{_token()}"
-            try:
-                fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)  # fmt: skip
-            except FileExistsError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.link(staging, self._lock_path)  # never replaces: EEXIST if taken
-            except FileNotFoundError:
-                # A sweep saw no lock for this instance yet and removed the staging name.
-                os.close(fd)
-                continue
-            except FileExistsError:
-                os.close(fd)
-                self.instance = secrets.token_hex(6)
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    staging.unlink()
-            self._lock_fd = fd
-            return
-        raise self._names_taken()
-
-    def _names_taken(self) -> FailedPrecondition:
-        return FailedPrecondition(
-            f"could not create a file in {self.shm_dir}: {_NAME_ATTEMPTS} random names in a "
-            "row were taken; another user may be creating files there to block this daemon"
-        )
 
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -181,87 +116,11 @@ class CpuShmSink:
         for arena in list(self._arenas.values()):
             self.release(arena, recycle=False)
         self._drop_recycled()
-        if self._lock_fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._lock_path.unlink()
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.names.unlock()
 
     def sweep(self) -> list[str]:
-        """Remove the files of dead instances (their lock is free or gone).
-
-        Files are listed before any lock is tested: a daemon's lock is in place, held,
-        before it creates a segment, so a file listed here whose lock is gone or free when
-        tested afterwards belongs to a daemon that has ended (or is the staging name of a
-        lock not yet placed, which its daemon then makes again).
-        """
-        files: dict[str, list[Path]] = {}
-        for path in self.shm_dir.glob(f"{PREFIX}*.*"):
-            instance = path.name[len(PREFIX) :].split(".", 1)[0]
-            files.setdefault(instance, []).append(path)
-        removed: list[str] = []
-        for instance, paths in files.items():
-            lock = self.shm_dir / f"{PREFIX}{instance}.lock"
-            try:
-                # Another user's symlink or fifo under that name must not be followed.
-                fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = None
-            except OSError as exc:
-                log.debug("not sweeping instance %s: %s", instance, exc)
-                continue
-            try:
-                if fd is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # alive
-                    if not _same_file(fd, lock):
-                        continue  # replaced since we opened it: that one is someone's
-                for path in paths:
-                    if path != lock:
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-                            removed.append(path.name)
-                # Only a lock we hold: one absent a moment ago may belong to a daemon now.
-                if fd is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        lock.unlink()
-                        removed.append(lock.name)
-            finally:
-                if fd is not None:
-                    os.close(fd)
-        if removed:
-            log.warning("removed %d stale shared-memory files of dead daemons", len(removed))
-        return removed
-
-    def _new_path(self, kind: str = "") -> Path:
-        return self.shm_dir / f"{PREFIX}{self.instance}.{kind}{_token()}"
-
-    def _create(self) -> tuple[int, Path]:
-        """A new segment file under a fresh random name (another if one is taken)."""
-        for _ in range(_NAME_ATTEMPTS):
-            path = self._new_path()
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                return os.open(path, flags, self.mode), path
-            except FileExistsError:
-                log.warning("%s exists: another user created it; trying another name", path)
-        raise self._names_taken()
-
-    def _rename(self, path: Path, kind: str = "") -> Path:
-        """``path`` under a fresh random name; link(2), unlike rename(2), replaces nothing."""
-        for _ in range(_NAME_ATTEMPTS):
-            new = self._new_path(kind)
-            try:
-                os.link(path, new)
-            except FileExistsError:
-                log.warning("%s exists: another user created it; trying another name", new)
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return new
-        raise self._names_taken()
+        """Remove the files of dead daemon instances (see ``ShmNames.sweep``)."""
+        return self.names.sweep()
 
     def available(self) -> int:
         avail = mem_available()
@@ -289,7 +148,7 @@ class CpuShmSink:
         self._free.remove(freed)
         self.recycled_bytes -= freed.capacity
         try:
-            freed.path = self._rename(freed.path)
+            freed.path = self.names.rename(freed.path)
             if freed.capacity > size:
                 freed.mapping.resize(size)  # truncates the segment too: the tail goes back
             elif freed.capacity < size:
@@ -352,7 +211,7 @@ class CpuShmSink:
             available = self.available()
         if size > available:
             self._refuse(size, what, available)
-        fd, path = self._create()
+        fd, path = self.names.create()
         try:
             os.fchmod(fd, self.mode)  # the umask must not narrow what workers may open
             os.fchown(fd, -1, self.group)
@@ -386,7 +245,7 @@ class CpuShmSink:
                 oldest.drop()
                 self.recycled_bytes -= oldest.capacity
             try:
-                free = self._rename(arena.path, FREE)
+                free = self.names.rename(arena.path, FREE)
             except (OSError, FailedPrecondition) as exc:
                 log.debug("not keeping arena %s for reuse: %s", arena.name, exc)
             else:
