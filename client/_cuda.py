@@ -5,7 +5,9 @@ its own CUDA_VISIBLE_DEVICES): the client sends the GPU's UUID with the request,
 checks that the grant names that GPU. Each arena is opened once per process, however many
 loads share it; its mapping is closed (after a device sync) when the last view of the last
 load is gone, and only then does that load's lease end: the daemon frees an arena when no
-lease holds it, and freeing memory a worker still maps is undefined behaviour.
+lease holds it, and freeing memory a worker still maps is undefined behaviour. When the
+sync or the close fails (a sticky error: this process's CUDA context is broken) the
+mapping may still be there, so the lease is kept until the process exits.
 """
 
 from __future__ import annotations
@@ -121,12 +123,19 @@ class _Mapping:
                 "reached it across devices; run the worker on the GPU the daemon placed it on"
             )
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Whether the mapping is closed; False: it may still be mapped."""
         try:
             self.api.device_synchronize(self.ordinal)  # no queued kernel may still read it
             self.api.ipc_close(self.ptr, self.ordinal)
         except CudaError as exc:
-            log.warning("closing an imported arena on cuda:%d failed: %s", self.ordinal, exc)
+            log.error(
+                "closing an imported arena on cuda:%d failed: %s; this worker keeps its lease "
+                "(the daemon must not free memory still mapped here) until the process exits",
+                self.ordinal, exc,
+            )  # fmt: skip
+            return False
+        return True
 
 
 # Reentrant: a garbage collection inside the lock may run a finalizer that takes it.
@@ -149,22 +158,28 @@ def _acquire(api: CudaApi, handle: bytes, ordinal: int) -> _Mapping:
         return mapping
 
 
-def _drop(mapping: _Mapping) -> None:
+def _drop(mapping: _Mapping) -> bool:
+    """False when this was the last user and closing the mapping failed: whoever holds
+    the lease must keep it."""
     with _lock:
         mapping.users -= 1
         if mapping.users or mapping.closed:
-            return
+            return True  # another load's lease still holds the arena (or it is closed)
         mapping.closed = True
         if _open.get(mapping.key) is mapping:
             del _open[mapping.key]
-    mapping.close()
+    return mapping.close()
 
 
 def _last_view(mapping: _Mapping, on_last_view: Callable[[], None]) -> None:
-    try:
-        _drop(mapping)  # the handle closes before the lease ends
-    finally:
+    # The handle closes before the lease ends, and a lease whose mapping may still be open
+    # never ends (an exception here would skip it too: a finalizer's is only printed).
+    if _drop(mapping):
         on_last_view()
+
+
+class MappingStillOpen(FailedPrecondition):
+    """The arena could not be unmapped after a failure: the caller keeps the lease."""
 
 
 class _ArenaOwner:
@@ -207,8 +222,12 @@ def import_arena(
     try:
         return api.as_tensor(owner, mapping.ptr, grant.size, ordinal)
     except BaseException as exc:
-        finalizer.detach()  # the caller ends the lease itself
-        _drop(mapping)
+        finalizer.detach()  # the caller ends the lease itself...
+        if not _drop(mapping):  # ...unless the mapping may still be open
+            raise MappingStillOpen(
+                f"wrapping the arena on {want} failed ({exc}), and closing its mapping "
+                "failed too: this worker keeps the lease until the process exits"
+            ) from exc
         if isinstance(exc, CudaError):
             raise FailedPrecondition(f"wrapping the arena on {want} failed: {exc}") from exc
         raise

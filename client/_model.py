@@ -71,10 +71,13 @@ def attach_model(
     collector's); ``lease_end`` answers `LoadedModel.lease_end`.
     """
     # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
+    from tensorferry.client._cuda import MappingStillOpen
     from tensorferry.client._views import build_views, map_grant
 
     try:
         flat = map_grant(ready, target, end_lease)
+    except MappingStillOpen:
+        raise  # the daemon must not free memory this process may still map
     except BaseException:
         end_lease()
         raise

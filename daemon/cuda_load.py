@@ -70,7 +70,7 @@ async def load_plan_cuda(
     arenas: list[CudaArena] = []
     try:
         for device in targets:
-            arenas.append(cuda.sink.allocate(device, gpu_plan.arena_size, uri))
+            arenas.append(await cuda.sink.place(device, gpu_plan.arena_size, uri))
         # More workers than slots would only queue on the ring.
         stats = await fetch_ranges(
             store, jobs, _IntoRing(cuda, arenas), concurrency=min(concurrency, cuda.ring.slots),

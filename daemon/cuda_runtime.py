@@ -41,7 +41,10 @@ def _api(settings: CudaSettings) -> CudaApi | None:
     if settings.api == "off":
         return None
     if settings.api == "fake":
-        return FakeCudaApi(list(settings.fake_devices), jitter=settings.fake_jitter)
+        fake = FakeCudaApi(list(settings.fake_devices), jitter=settings.fake_jitter)
+        # Its device memory is files named after this context: tests find this daemon's.
+        log.warning("FAKE CUDA (test double), device memory files %s*", fake.file_prefix)
+        return fake
     api = real_api()
     if api is None and settings.api == "cupy":
         raise ConfigError(

@@ -19,11 +19,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tensorferry.daemon.devices import CPU
 from tensorferry.daemon.model import Eviction, Model, ModelKey, State
 from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.sinks import Sinks
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
-from tensorferry.errors import ModelNotFound, ResourceExhausted
+from tensorferry.errors import FailedPrecondition, ModelNotFound, ResourceExhausted, quote
 
 if TYPE_CHECKING:
     from tensorferry.cuda import DeviceInfo
@@ -182,6 +183,26 @@ class Registry:
         if model.leases.pop(lease, None) is not None:
             self._maybe_free(model)
 
+    def end_early(self, lease: str) -> None:
+        """Release ends ``lease`` while its worker may still hold views.
+
+        CPU arenas allow it: their pages are never reused (``released_early``), and a
+        worker's mapping keeps them. A GPU arena does not: cudaFree of memory another
+        process still maps through IPC is undefined, and only the lease's stream (which
+        the worker ends after closing its mapping) proves the mapping gone, so Release is
+        refused for GPU leases.
+        """
+        model = self.find_lease(lease)
+        if model is None:
+            return
+        if model.key.device != CPU:
+            raise FailedPrecondition(
+                f"lease {quote(lease, bare=True)} holds a GPU arena ({model.key.device}): it "
+                "cannot be released while the worker may still map it; it ends when that "
+                "worker drops the model's tensors (LoadedModel.close and its last view) or exits"
+            )
+        model.released_early = True
+
     def find_lease(self, lease: str) -> Model | None:
         for model in self._all.values():
             if lease in model.leases:
@@ -244,7 +265,8 @@ class Registry:
 
     def _release(self, model: Model, *, recycle: bool) -> None:
         # A GPU arena: every importer closed its mapping before its lease ended (the
-        # client's order), so no worker maps the memory cudaFree returns.
+        # client's order), and no lease on it ends by Release (``end_early``), so no
+        # worker maps the memory cudaFree returns.
         assert model.loaded is not None
         self.sinks.for_device(model.key.device).release(model.loaded.arena, recycle=recycle)
 

@@ -101,7 +101,7 @@ async def run_daemon(
         cuda = await stack.enter_async_context(
             open_cuda(settings.cuda, chunk_size=settings.s3.chunk_size, instance=sink.instance)
         )
-        backend = await stack.enter_async_context(S3Backend(settings.s3))
+        backend = await _open_s3(stack, settings)
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         tier = None
         if settings.cache_dir is not None:
@@ -117,7 +117,8 @@ async def run_daemon(
         if settings.metrics_listen:
             metrics = Metrics(registry)
             recent.subscribe(metrics.observe)
-            backend.on_get = metrics.get_seconds.observe
+            if backend is not None:
+                backend.on_get = metrics.get_seconds.observe
             metrics.serve(settings.metrics_listen)
             stack.callback(metrics.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
@@ -168,6 +169,21 @@ async def run_daemon(
             service.stopping.set()
             await health.enter_graceful_shutdown()
             await server.stop(SHUTDOWN_GRACE)
+
+
+async def _open_s3(stack: contextlib.AsyncExitStack, settings: Settings) -> S3Backend | None:
+    """The S3 client, or None where aiobotocore is not installed: GPU images often lack it
+    and reach no index, and a daemon serving local directories needs none."""
+    try:
+        import aiobotocore.session  # noqa: F401
+        import botocore.exceptions  # noqa: F401
+    except ImportError as exc:
+        log.warning(
+            "S3 support is not installed (%s): serving local directories only; pip install "
+            "'tensorferry[daemon]' to read s3:// sources", exc,
+        )  # fmt: skip
+        return None
+    return await stack.enter_async_context(S3Backend(settings.s3))
 
 
 async def _drain(service: LoaderService, grace: float) -> None:

@@ -226,9 +226,7 @@ class LoaderService(pb_grpc.LoaderServicer):
                     "lease can release it (it ends when that process closes the model or "
                     "exits)"
                 )
-            model = self.registry.find_lease(request.lease_id)
-            if model is not None:
-                model.released_early = True
+            self.registry.end_early(request.lease_id)  # refuses GPU leases
             event.set()
         return pb.ReleaseResponse(released=event is not None)
 

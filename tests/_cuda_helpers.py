@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,15 @@ from tests.conftest import Daemon
 WORKER = Path(__file__).with_name("cuda_worker.py")
 #: What GPU inference loads: bf16 weights, fp8 and int8 quantised ones.
 DTYPES = (torch.bfloat16, torch.float8_e4m3fn, torch.int8)
+#: A worker's first line: CUDA init, a 256 MiB load and a check of every byte.
+REPORT_TIMEOUT = 120.0
+
+
+def visible_device(gpu_uuid: object) -> str:
+    """``CUDA_VISIBLE_DEVICES`` naming one GPU by UUID (torch's ``str(props.uuid)`` has no
+    prefix). torch reads a UUID only after an upper-case ``GPU-``: ``gpu-...`` would hide
+    every GPU from the worker."""
+    return f"GPU-{gpu_uuid}"
 
 
 def write_odd_model(directory: Path, total_bytes: int, *, seed: int = 0) -> Path:
@@ -61,12 +72,12 @@ def worker(
     assert proc.stdin is not None
     assert proc.stderr is not None
     try:
-        line = proc.stdout.readline()
+        line = read_line(proc, REPORT_TIMEOUT)
         assert line, proc.stderr.read()
         yield json.loads(line), proc
         if proc.poll() is None:
             proc.stdin.close()
-            assert json.loads(proc.stdout.readline()) == {"closed": 0}, proc.stderr.read()
+            assert json.loads(read_line(proc, 60)) == {"closed": 0}, proc.stderr.read()
             assert proc.wait(60) == 0, proc.stderr.read()
     finally:
         if proc.poll() is None:
@@ -75,6 +86,28 @@ def worker(
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(BrokenPipeError):
                 stream.close()
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line of ``proc``'s stdout ('' at its end). A worker silent for ``timeout``
+    seconds is killed and the test fails with its stderr: a bare readline would hang the
+    whole suite on a hung worker."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    # A thread, not select(): the text wrapper buffers lines that select() cannot see.
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True)
+    reader.start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        proc.wait()
+        reader.join(5)  # it sees the end of the pipe now; the caller may close it next
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        raise AssertionError(
+            f"worker {proc.pid} wrote no line within {timeout:g} s; killed. stderr: {err}"
+        ) from None
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 10) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import glob
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,12 +60,14 @@ def model_dir(local_root: Path) -> Path:
 
 @pytest.fixture
 def fake_daemon(local_root: Path) -> Iterator[Daemon]:
-    before = fake_files()
     with running_daemon(daemon_env(None), allow=[str(local_root)], extra_config=FAKE_CUDA) as d:
         yield d
-    # The daemon freed its fake device memory. (Set differences, not equality: another
-    # test run on this host may have its own fake devices.)
-    assert fake_files() - before == set()
+        found = re.search(r"device memory files (\S+)\*", d.output())
+        assert found is not None, d.output()
+        prefix = found[1]
+    # The daemon freed its fake device memory. (Its own files only: another test run on
+    # this host may have fake devices of its own.)
+    assert glob.glob(glob.escape(prefix) + "*") == []
 
 
 def test_workers_share_one_gpu_arena_numbered_their_own_way(

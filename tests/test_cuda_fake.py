@@ -144,7 +144,7 @@ async def test_a_slot_returns_to_the_ring_only_after_its_copy_event() -> None:
         await cuda.engine.settle([arena])
         assert fake.read(arena.ptr, 4 * SLOT) == b"".join(bytes([i + 1]) * SLOT for i in range(4))
         cuda.sink.release(arena)
-        assert all_released(cuda)
+        await until(lambda: all_released(cuda))  # the frees run on the sink's thread
 
 
 async def test_one_fetch_fills_two_gpus_with_out_of_order_copies(tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ async def test_one_fetch_fills_two_gpus_with_out_of_order_copies(tmp_path: Path)
         assert {a.device.uuid for a in got.arenas} == {GPU_A, GPU_B}
         for arena in got.arenas:
             cuda.sink.release(arena)
-        assert all_released(cuda)
+        await until(lambda: all_released(cuda))  # the frees run on the sink's thread
 
 
 async def test_opening_a_handle_in_the_exporting_process_fails() -> None:
@@ -204,7 +204,7 @@ async def test_opening_a_handle_in_the_exporting_process_fails() -> None:
             opened = pool.apply(_fake_cuda_child.read_arena, ([GPU_A, GPU_B], arena.handle, 1))
         assert opened == b"\x5a" * SLOT
         cuda.sink.release(arena)
-        assert all_released(cuda)
+        await until(lambda: all_released(cuda))  # the frees run on the sink's thread
 
 
 async def test_a_failed_fetch_releases_slots_and_arenas(tmp_path: Path) -> None:

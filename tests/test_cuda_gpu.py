@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._cuda_helpers import wait_for, worker, write_odd_model
+from tests._cuda_helpers import visible_device, wait_for, worker, write_odd_model
 from tests.conftest import Daemon, daemon_env, running_daemon
 
 
@@ -22,7 +22,7 @@ def _missing() -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA device (torch.cuda.is_available() is False)"
     if importlib.util.find_spec("cupy") is None:
-        return "needs cupy in this environment: pip install 'tensorferry[cuda]'"
+        return "needs cupy in this environment: pip install 'tensorferry[cuda12]' (or [cuda13])"
     return None
 
 
@@ -53,7 +53,7 @@ def gpu_daemon(model_dir: Path) -> Iterator[Daemon]:
 
 
 def gpu_uuid() -> str:
-    return f"GPU-{torch.cuda.get_device_properties(0).uuid}".lower()
+    return visible_device(torch.cuda.get_device_properties(0).uuid)
 
 
 def free_memory() -> int:
@@ -74,7 +74,7 @@ def test_bf16_fp8_int8_bytes_and_two_workers_share_one_arena(
             assert second["model_id"] == first["model_id"]
             with gpu_daemon.client() as client:
                 (info,) = client.list()
-                assert info.device.lower() == gpu_uuid()
+                assert info.device == gpu_uuid()
                 assert info.leases == 2
 
 

@@ -1,10 +1,10 @@
 """``CudaApi`` on cupy (``pip install 'tensorferry[cuda]'``), imported only when used.
 
 Written from cupy's documented runtime API (``cupy.cuda.runtime``) without a GPU at
-hand; docs/cuda.md lists what still needs checking on hardware. Arenas are single
-``cupy.cuda.Memory`` allocations (one raw cudaMalloc each, never cupy's pool, whose
-blocks share a segment and so an IPC handle); each is freed by dropping its last
-reference, which cupy's RAII wrapper turns into cudaFree.
+hand; docs/cuda.md lists what still needs checking on hardware. Arenas are raw
+``runtime.malloc`` allocations (one cudaMalloc each, never cupy's pool, whose blocks
+share a segment and so an IPC handle), freed with ``runtime.free``: unlike dropping a
+``cupy.cuda.Memory``, whose destructor cannot raise, it reports a failed cudaFree.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: cudaHostRegisterPortable: pinned for every context, so one ring feeds every GPU.
 _HOST_REGISTER_PORTABLE = 1
+#: cudaSuccess and cudaErrorNotReady, as ``runtime.eventQuery`` returns them (any other
+#: status raises CUDARuntimeError).
+_SUCCESS = 0
+_NOT_READY = 600
 
 
 def _uuid_of(props: dict[str, Any], ordinal: int) -> str:
@@ -61,8 +65,8 @@ class CupyCudaApi(CudaApi):
             )
             if isinstance(e, type)
         )
-        #: Live arenas by base pointer: dropping the Memory object is what frees it.
-        self._allocs: dict[int, Any] = {}
+        #: Live arenas: base pointer -> ordinal.
+        self._allocs: dict[int, int] = {}
         with self._translated():
             count = int(self._rt.getDeviceCount())
             self._infos = [
@@ -110,17 +114,17 @@ class CupyCudaApi(CudaApi):
 
     def malloc(self, ordinal: int, nbytes: int) -> DeviceMemory:
         with self._translated(), self._device(ordinal):
-            mem = self._cp.cuda.Memory(nbytes)
-        ptr = int(mem.ptr)
-        self._allocs[ptr] = mem
+            ptr = int(self._rt.malloc(nbytes))
+        self._allocs[ptr] = ordinal
         return DeviceMemory(ordinal, ptr, nbytes)
 
     def free(self, mem: DeviceMemory) -> None:
-        owner = self._allocs.pop(mem.ptr, None)
-        if owner is None:
+        if self._allocs.get(mem.ptr) != mem.ordinal:
             raise CudaError("cudaErrorInvalidValue: not an allocation of this process")
         with self._translated(), self._device(mem.ordinal):
-            del owner  # the last reference: cupy calls cudaFree here
+            self._rt.free(mem.ptr)  # raises CUDARuntimeError when cudaFree fails
+        # Forgotten only once freed: after a failure the memory is still allocated.
+        del self._allocs[mem.ptr]
 
     def mem_get_info(self, ordinal: int) -> tuple[int, int]:
         with self._translated(), self._device(ordinal):
@@ -169,8 +173,15 @@ class CupyCudaApi(CudaApi):
             event.native.record(stream.native)
 
     def event_query(self, event: Event) -> bool:
+        # runtime.eventQuery, not Event.done: "not ready" is the one status that is no
+        # error; any other raises (a sticky error must not read as "still running").
         with self._translated():
-            return bool(event.native.done)
+            status = int(self._rt.eventQuery(event.native.ptr))
+        if status == _SUCCESS:
+            return True
+        if status == _NOT_READY:
+            return False
+        raise CudaError(f"cudaEventQuery failed with status {status}")
 
     def event_synchronize(self, event: Event) -> None:
         with self._translated():

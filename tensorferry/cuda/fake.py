@@ -26,6 +26,7 @@ import os
 import random
 import secrets
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,6 +121,16 @@ class FakeCudaApi(CudaApi):
         self._inflight: dict[int, tuple[int, int]] = {}  # copy id -> (src, nbytes)
         #: Tests: the Nth copy from now on (1 = the next) fails when it is queued.
         self.fail_copy_at: int | None = None
+        #: Tests: seconds malloc and free take (cudaFree may wait for a busy device).
+        self.busy = 0.0
+        #: Tests: a sticky error ("cudaErrorIllegalAddress: ..."): once set, every call
+        #: that reports errors raises it, as each CUDA call does in a broken context.
+        self.sticky: str | None = None
+
+    @property
+    def file_prefix(self) -> str:
+        """The path prefix of this process's device-memory files."""
+        return str(self.shm_dir / f"{PREFIX}{_CONTEXT.hex()}.")
 
     @classmethod
     def from_uuids(cls, uuids: list[str]) -> FakeCudaApi:
@@ -130,6 +141,14 @@ class FakeCudaApi(CudaApi):
 
     def devices(self) -> list[DeviceInfo]:
         return list(self._infos)
+
+    def _check_sticky(self) -> None:
+        if self.sticky is not None:
+            raise CudaError(self.sticky)
+
+    def _wait_busy(self) -> None:
+        if self.busy:
+            time.sleep(self.busy)
 
     def _check_ordinal(self, ordinal: int) -> None:
         if not 0 <= ordinal < len(self._infos):
@@ -146,6 +165,8 @@ class FakeCudaApi(CudaApi):
 
     def malloc(self, ordinal: int, nbytes: int) -> DeviceMemory:
         self._check_ordinal(ordinal)
+        self._check_sticky()
+        self._wait_busy()
         with self._lock:
             if nbytes > self._devices[ordinal].memory - self._used(ordinal):
                 raise CudaError("cudaErrorMemoryAllocation: out of memory")
@@ -166,6 +187,9 @@ class FakeCudaApi(CudaApi):
         return DeviceMemory(ordinal, ptr, nbytes)
 
     def free(self, mem: DeviceMemory) -> None:
+        # As cudaFree (cupy's runtime.free): reports failure, and may wait for the device.
+        self._check_sticky()
+        self._wait_busy()
         with self._lock:
             m = self._allocs.get(mem.ptr)
             if m is None:
@@ -331,15 +355,20 @@ class FakeCudaApi(CudaApi):
         event.native.record(stream.native)
 
     def event_query(self, event: Event) -> bool:
+        # As cudaEventQuery: not ready is False, any other error raises.
+        self._check_sticky()
         return bool(event.native.done())
 
     def event_synchronize(self, event: Event) -> None:
+        self._check_sticky()
         event.native.wait()
 
     def stream_synchronize(self, stream: Stream) -> None:
+        self._check_sticky()
         stream.native.synchronize()
 
     def device_synchronize(self, ordinal: int) -> None:
+        self._check_sticky()
         for stream in self.streams(ordinal):
             stream.synchronize()
 
