@@ -7,6 +7,7 @@ status is 1 when a check fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -85,18 +86,27 @@ def check_socket(settings: Settings, report: Report) -> None:
 async def _check_sources(settings: Settings, report: Report) -> None:
     from tensorferry.daemon.source import parse_uri
     from tensorferry.daemon.store.factory import open_store
-    from tensorferry.daemon.store.s3 import S3Backend
 
     if not settings.allow:
         report("FAIL" if not settings.allow_any_source else "warn", "allowlist: empty",
                'add [sources] allow = ["s3://bucket/prefix/", "/models"]')  # fmt: skip
-    async with S3Backend(settings.s3) as backend:
+    from tensorferry.daemon.store.s3 import S3Backend
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            backend: S3Backend | None = await stack.enter_async_context(S3Backend(settings.s3))
+        except ImportError:  # aiobotocore is not installed (local sources only)
+            backend = None
         for entry in settings.allow:
             ref = parse_uri(entry)
             if ref.scheme == "local":
                 ok = ref.path is not None and os.access(ref.path, os.R_OK | os.X_OK)
                 fix = "" if ok else "create it or make it readable by the daemon's user"
                 report("ok" if ok else "FAIL", f"allowlist {entry}: local directory", fix)
+                continue
+            if backend is None:
+                report("FAIL", f"allowlist {entry}: S3 support is not installed",
+                       "pip install 'tensorferry[daemon]' on the daemon's host")  # fmt: skip
                 continue
             try:
                 await open_store(ref, backend).list_objects()

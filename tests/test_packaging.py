@@ -4,6 +4,8 @@ daemon that serves local directories without aiobotocore."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 import tomllib
 from pathlib import Path
@@ -105,3 +107,15 @@ def test_a_daemon_without_aiobotocore_serves_local_directories(tmp_path: Path) -
             "pip install 'tensorferry[daemon]' on the daemon's host"
         )
         assert daemon.output().count(NO_S3_WARNING) == 1, daemon.output()
+        # doctor, on the same host, says what is missing instead of failing to import.
+        config = daemon.log.parent / "tensorferry.toml"
+        doctor = subprocess.run(
+            [sys.executable, "-m", "tensorferry", "doctor", "--config", str(config),
+             "--socket", str(daemon.socket)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = doctor.stdout.splitlines()
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert doctor.stderr == ""
+        assert f"ok    allowlist {tmp_path / 'models'}: local directory" in lines
+        assert "FAIL  allowlist s3://bucket/: S3 support is not installed" in lines
