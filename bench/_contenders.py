@@ -26,7 +26,7 @@ from _measure import LinkRate, PeakMemory, Sample, children_cpu, cpu_split, tree
 from google.protobuf.json_format import MessageToDict
 
 from tensorferry.client import Client
-from tensorferry.devtools.daemon import run_daemon
+from tensorferry.devtools.daemon import daemon_subprocess
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.seaweed import S3Server
 
@@ -95,7 +95,7 @@ def tensorferry_daemon(
     work: Path, s3: S3Server, recycle_mib: int
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The daemon as examples/demo.py starts it; freed arenas up to ``recycle_mib`` are kept."""
-    with run_daemon(
+    with daemon_subprocess(
         work, s3, [f"s3://{BUCKET}/"], extra_config=f'[memory]\nrecycle = "{recycle_mib}MiB"\n',
         log=work / "daemon.log",
     ) as daemon:  # fmt: skip

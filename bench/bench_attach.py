@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from tensorferry.client import Client
-from tensorferry.devtools.daemon import run_daemon
+from tensorferry.devtools.daemon import daemon_subprocess
 from tensorferry.devtools.seaweed import run_seaweed
 
 WORKER = """
@@ -68,7 +68,7 @@ def main() -> int:
                 str(work / "m" / "model.safetensors"), "bench", "m/model.safetensors"
             )
             # The daemon logs to a file, not this terminal: the bench prints only figures.
-            with run_daemon(work, s3, ["s3://bench/"], log=work / "daemon.log") as daemon:
+            with daemon_subprocess(work, s3, ["s3://bench/"], log=work / "daemon.log") as daemon:
                 with Client(daemon.socket) as client:
                     client.preload("s3://bench/m/")
                 times: list[float] = []

@@ -27,13 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from tensorferry.cuda import CudaApi, FakeCudaApi, FakeDevice, real_api
-from tensorferry.daemon.cuda_load import load_plan_cuda
-from tensorferry.daemon.cuda_runtime import CudaRuntime
-from tensorferry.daemon.gpu_layout import Piece
-from tensorferry.daemon.h2d import CopyEngine
+from tensorferry.cuda import CudaApi, FakeDevice, real_api
+from tensorferry.cuda.fake import FakeCudaApi
+from tensorferry.daemon.gpu.h2d import CopyEngine
+from tensorferry.daemon.gpu.layout import Piece
+from tensorferry.daemon.gpu.load import load_plan_cuda
+from tensorferry.daemon.gpu.ring import PinnedRing
+from tensorferry.daemon.gpu.runtime import CudaRuntime
 from tensorferry.daemon.planner import Plan, make_plan
-from tensorferry.daemon.ring import PinnedRing
 from tensorferry.daemon.sinks.cuda import CudaSink
 from tensorferry.daemon.source import list_source, parse_uri, read_source
 from tensorferry.daemon.store.local import LocalStore

@@ -37,7 +37,7 @@ from _measure import PeakMemory, Sample, summarize
 
 from tensorferry.client import Client
 from tensorferry.daemon.config import DEFAULT_CHUNK_SIZE
-from tensorferry.daemon.cuda_settings import CudaSettings
+from tensorferry.daemon.gpu.settings import CudaSettings
 from tensorferry.devtools.seaweed import run_seaweed
 
 ATTACH = Path(__file__).resolve().with_name("bench_attach.py")

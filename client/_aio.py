@@ -20,6 +20,7 @@ from tensorferry.client._core import (
     not_resident,
 )
 from tensorferry.client._model import LoadedModel, attach_model
+from tensorferry.client._stream import Assembler, AsyncTensorStream
 from tensorferry.errors import from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
@@ -75,6 +76,23 @@ class AsyncClient(ClientCore):
             call.cancel()
             raise
         return attach_model(ready, target, table, *self._hold(call))
+
+    def stream(
+        self, uri: str, device: str = "cpu", *, timeout: float | None = None,
+        progress: ProgressFn | None = None, client_name: str = "", select: Sequence[str] = (),
+        rank: int = 0, world_size: int = 0,
+    ) -> AsyncTensorStream:  # fmt: skip
+        """See `Client.stream`: ``async for name, tensor in client.stream(uri)``."""
+        self._check_open()
+        target = self._target(device)
+        request = self._load_request(uri, device, target, client_name, select, rank, world_size)
+        request.stream_tensors = True
+
+        async def start() -> tuple[_LoadCall, Assembler]:
+            call: _LoadCall = self._stub.Load(request, metadata=await self._apeer())
+            return call, Assembler(progress, target, lambda: self._hold(call))
+
+        return AsyncTensorStream(start, uri, self.socket, timeout)
 
     def _hold(self, call: _LoadCall) -> tuple[Callable[[], None], Callable[[], str | None]]:
         """A lease's ``end_lease`` and ``lease_end`` (see `attach_model`)."""

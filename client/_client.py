@@ -18,6 +18,7 @@ from tensorferry.client._core import (
     not_resident,
 )
 from tensorferry.client._model import LoadedModel, attach_model
+from tensorferry.client._stream import Assembler, TensorStream
 from tensorferry.errors import from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
@@ -127,6 +128,48 @@ class Client(ClientCore):
             return lease_end_of(call.code(), call.trailing_metadata()) if call.done() else None
 
         return attach_model(ready, target, table, end_lease, lease_end)
+
+    def stream(
+        self, uri: str, device: str = "cpu", *, timeout: float | None = None,
+        progress: ProgressFn | None = None, client_name: str = "", select: Sequence[str] = (),
+        rank: int = 0, world_size: int = 0,
+    ) -> TensorStream:  # fmt: skip
+        """`load`, with the tensors handed out as they land: ``for name, tensor in
+        client.stream(uri)``, then ``.model`` holds the lease as `load`'s result does.
+
+        Tensors come in landing order while the daemon fetches a CPU arena; a resident
+        model (or a GPU load) gives them all at its ready event. ``timeout`` bounds the
+        whole load, not the work done between tensors.
+        """
+        self._check_open()
+        channel = self._channel
+        assert channel is not None  # _check_open: not closed
+        target = self._target(device)
+        request = self._load_request(uri, device, target, client_name, select, rank, world_size)
+        request.stream_tensors = True
+        call = self._stub.Load(request, metadata=self._peer())
+        timer = threading.Timer(timeout, call.cancel) if timeout else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+
+        def lease() -> tuple[Callable[[], None], Callable[[], str | None]]:
+            channel.acquire()
+
+            def end_lease() -> None:
+                call.cancel()
+                channel.release()
+
+            def lease_end() -> str | None:
+                return lease_end_of(call.code(), call.trailing_metadata()) if call.done() else None
+
+            return end_lease, lease_end
+
+        return TensorStream(
+            call, Assembler(progress, target, lease), uri, self.socket, timeout,
+            timed_out=lambda: timer is not None and not timer.is_alive(),
+            cleanup=timer.cancel if timer is not None else lambda: None,
+        )  # fmt: skip
 
     def preload(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from tensorferry import _env
-from tensorferry._peer import LEASE_END_KEY, PEER_KEY, peer_socket, peer_token
+from tensorferry import env
 from tensorferry.errors import DaemonUnavailable, FailedPrecondition, daemon_not_running
+from tensorferry.peer_token import LEASE_END_KEY, PEER_KEY, peer_socket, peer_token
 from tensorferry.v1 import tensorferry_pb2 as pb
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class ClientCore:
         self._tls = tls or TlsConfig()
         self._cuda = cuda
         # Over TCP the address stands where error messages name the socket.
-        self.socket = tcp if tcp is not None else str(_env.socket_path(socket))
+        self.socket = tcp if tcp is not None else str(env.socket_path(socket))
         self._closed = False
         self._connect()
 

@@ -19,12 +19,11 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tensorferry import _env
+from tensorferry import env
 from tensorferry.cuda import (
     IPC_HANDLE_BYTES,
     CudaApi,
     CudaError,
-    FakeCudaApi,
     cuda_ordinals,
     is_cuda_device,
     normalize_pci,
@@ -49,7 +48,7 @@ class CudaTarget:
     uuids: tuple[str, ...] = ()
 
 
-_fakes: dict[tuple[str, ...], FakeCudaApi] = {}
+_fakes: dict[tuple[str, ...], CudaApi] = {}
 
 
 def cuda_api(explicit: CudaApi | None) -> CudaApi | None:
@@ -58,10 +57,12 @@ def cuda_api(explicit: CudaApi | None) -> CudaApi | None:
     process for the implicit ones: arenas are opened once per process and API."""
     if explicit is not None:
         return explicit
-    fake = _env.fake_cuda_devices()
+    fake = env.fake_cuda_devices()
     if fake:
         key = tuple(fake)
         if key not in _fakes:
+            from tensorferry.cuda.fake import FakeCudaApi
+
             _fakes[key] = FakeCudaApi.from_uuids(fake)
         return _fakes[key]
     return real_api()

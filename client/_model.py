@@ -70,15 +70,25 @@ def attach_model(
     ``end_lease`` runs once the last view is gone, maybe on another thread (the garbage
     collector's); ``lease_end`` answers `LoadedModel.lease_end`.
     """
+    from tensorferry.client._views import build_views
+
+    flat = map_or_end(ready, target, end_lease)
+    return LoadedModel(ready, build_views(flat, table), lease_end)
+
+
+def map_or_end(
+    grant: pb.Ready | pb.Arena, target: CudaTarget | None, end_lease: Callable[[], None]
+) -> torch.Tensor:
+    """The flat tensor over the granted arena; ``end_lease`` runs when it and every view
+    of it are gone, or at once if mapping fails."""
     # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
     from tensorferry.client._cuda import MappingStillOpen
-    from tensorferry.client._views import build_views, map_grant
+    from tensorferry.client._views import map_grant
 
     try:
-        flat = map_grant(ready, target, end_lease)
+        return map_grant(grant, target, end_lease)
     except MappingStillOpen:
         raise  # the daemon must not free memory this process may still map
     except BaseException:
         end_lease()
         raise
-    return LoadedModel(ready, build_views(flat, table), lease_end)

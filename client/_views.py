@@ -31,9 +31,9 @@ SHM_DIR = Path("/dev/shm")
 
 
 def map_grant(
-    ready: pb.Ready, target: CudaTarget | None, on_last_view: Callable[[], None]
+    ready: pb.Ready | pb.Arena, target: CudaTarget | None, on_last_view: Callable[[], None]
 ) -> torch.Tensor:
-    """The flat uint8 tensor over the arena a Ready event grants (CPU or GPU)."""
+    """The flat uint8 tensor over the arena a Ready (or Arena) event grants (CPU or GPU)."""
     if ready.WhichOneof("grant") == "cuda_ipc":
         from tensorferry.client._cuda import import_arena
 

@@ -1,7 +1,7 @@
 """Daemon settings: one typed object, read from a TOML file plus the environment.
 
 This is the only daemon module that reads configuration; environment variables come
-through ``tensorferry._env``. Every key's default, parser and rule is in the schema
+through ``tensorferry.env``. Every key's default, parser and rule is in the schema
 (``config_keys.KEYS``); the dataclasses here take their defaults from it and check its rules
 when built, from a file or in code.
 """
@@ -14,13 +14,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from tensorferry import _env
+from tensorferry import env
 from tensorferry.daemon.config_keys import MiB as MiB
 from tensorferry.daemon.config_keys import check, default, read, unknown_key
 from tensorferry.daemon.config_values import host_port
 from tensorferry.daemon.config_values import normalize_allow_entry as normalize_allow_entry
 from tensorferry.daemon.config_values import parse_size as parse_size
-from tensorferry.daemon.cuda_settings import CudaSettings, cuda_settings
+from tensorferry.daemon.gpu.settings import CudaSettings, cuda_settings
 
 # Kept importable from here: ConfigError lived in this module before it joined errors.py.
 from tensorferry.errors import ConfigError as ConfigError
@@ -131,7 +131,7 @@ class Settings:
     preload: tuple[str, ...] = default("preload")
     shutdown_grace: float = default("shutdown_grace")
     limits: Limits = dataclasses.field(default_factory=lambda: Limits())
-    #: GPU side (daemon/cuda_settings.py): which CUDA, pinned ring, copy streams.
+    #: GPU side (daemon/gpu/settings.py): which CUDA, pinned ring, copy streams.
     cuda: CudaSettings = dataclasses.field(default_factory=lambda: CudaSettings())
 
     def __post_init__(self) -> None:
@@ -149,7 +149,7 @@ class Settings:
 
 def _read_file(config_file: str | Path | None) -> dict[str, Any]:
     """The TOML file (argument or $TENSORFERRY_CONFIG), its keys checked; {} if none."""
-    path = _env.config_path(config_file)
+    path = env.config_path(config_file)
     if path is None:
         return {}
     try:
@@ -168,7 +168,7 @@ def _s3_settings(data: dict[str, Any]) -> S3Settings:
     values = read(data, "s3")
     # The file wins over $AWS_ENDPOINT_URL: it names the store this daemon was set up for.
     if values.get("endpoint_url") is None:
-        values["endpoint_url"] = _env.aws_endpoint_url()
+        values["endpoint_url"] = env.aws_endpoint_url()
     return S3Settings(**values)
 
 
@@ -192,12 +192,12 @@ def load_settings(
         values.update(read(data, section))
     # Precedence: argument, then $TENSORFERRY_SOCKET, then the file, then the default.
     file_socket = values.pop("socket", None)
-    if socket is None and _env.socket_from_env() is None and file_socket is not None:
+    if socket is None and env.socket_from_env() is None and file_socket is not None:
         socket = file_socket
-    values["socket"] = _env.socket_path(socket)
+    values["socket"] = env.socket_path(socket)
     values["allow"] = values.get("allow", ()) + tuple(allow)
     values["allow_any_source"] = values.get("allow_any_source", False) or allow_any_source
-    env_level = _env.log_level()
+    env_level = env.log_level()
     if env_level is not None:
         values["log_level"] = env_level
     return Settings(

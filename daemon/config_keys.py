@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tensorferry import _env
+from tensorferry import env
 from tensorferry.daemon.config_values import (
     Parse,
     Rule,
@@ -82,7 +82,7 @@ _KIB, _GIB = 1 << 10, 1 << 30
 _FAKE = '`api = "fake"` only (CI): '
 
 KEYS: tuple[Key, ...] = (
-    Key("", "socket", _env.DEFAULT_SOCKET, optional_path, socket_length,
+    Key("", "socket", env.DEFAULT_SOCKET, optional_path, socket_length,
         "Unix socket (`--socket` and `$TENSORFERRY_SOCKET` win)"),
     Key("", "socket_mode", 0o660, octal, None,
         "socket permissions; arenas get the read bits of it (`440`)", shown='`"660"`'),

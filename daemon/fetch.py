@@ -28,10 +28,10 @@ from typing import Generic, TypeVar, cast
 
 import crc32c
 
-from tensorferry.daemon._tasks import task_group
 from tensorferry.daemon.config_keys import default
 from tensorferry.daemon.planner import Range
 from tensorferry.daemon.store.base import Store
+from tensorferry.daemon.tasks import task_group
 from tensorferry.errors import DataLoss, StoreUnavailable
 
 log = logging.getLogger(__name__)

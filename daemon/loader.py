@@ -14,25 +14,31 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from tensorferry.daemon.arrivals import Arrivals
 from tensorferry.daemon.config import Settings
+from tensorferry.daemon.cpu_load import Loaded, OnLanded
 from tensorferry.daemon.fetch import RetryPolicy
 from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
-from tensorferry.daemon.manifest import Manifest
 from tensorferry.daemon.model import Model, ModelKey
-from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.placement import place_plan
 from tensorferry.daemon.planner import Plan, make_plan
-from tensorferry.daemon.prepared import check_unsharded, is_prepared, plan_prepared, read_manifest
+from tensorferry.daemon.planner_prepared import (
+    check_unsharded,
+    is_prepared,
+    plan_prepared,
+    read_manifest,
+)
 from tensorferry.daemon.records import LoadRecord, RecentLoads
-from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.source import Source, SourceRef, list_source, read_source
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.daemon.store.cache import DiskTier
 from tensorferry.daemon.store.factory import open_store
 from tensorferry.errors import TensorferryError
+from tensorferry.format.manifest import Manifest
 
 if TYPE_CHECKING:
-    from tensorferry.daemon.cuda_runtime import CudaRuntime
+    from tensorferry.daemon.gpu.runtime import CudaRuntime
     from tensorferry.daemon.store.s3 import S3Backend
 
 log = logging.getLogger(__name__)
@@ -150,6 +156,10 @@ class Loader:
         def progress(n: int) -> None:
             model.bytes_done += n
 
+        def on_arena(arena: ShmArena) -> OnLanded:
+            model.arrivals = Arrivals(plan, arena.grant())
+            return model.arrivals.landed
+
         try:
             plan = await self._plan(target)
             devices = [model.key.device, *(m.key.device for m in model.fan_out)]
@@ -157,12 +167,15 @@ class Loader:
                 target.store, plan, uri, devices, self.cpu, self.cuda,
                 concurrency=self.settings.s3.concurrency, policy=self.policy,
                 max_model_bytes=self.settings.limits.max_model_bytes, on_plan=on_plan,
-                progress=progress,
+                progress=progress, on_arena=on_arena,
             )  # fmt: skip
         except BaseException as exc:
             outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
             self.recent.append(LoadRecord(uri, outcome, error=str(exc)))
             raise
+        finally:
+            if model.arrivals is not None:
+                model.arrivals.finish()
         st, end = loaded[0].stats, time.monotonic()
         self.recent.append(
             LoadRecord(

@@ -11,7 +11,8 @@ import dataclasses
 import enum
 import time
 
-from tensorferry.daemon.pipeline import Loaded
+from tensorferry.daemon.arrivals import Arrivals
+from tensorferry.daemon.cpu_load import Loaded
 from tensorferry.errors import ModelEvicted
 from tensorferry.v1 import tensorferry_pb2 as pb
 
@@ -70,6 +71,8 @@ class Model:
     aliases: set[str] = dataclasses.field(default_factory=set)
     #: Who evicted the model while it was loading (their waiters are told).
     evicted_by: str = ""
+    #: A CPU load's complete tensors, from the moment its arena exists (streamed loads).
+    arrivals: Arrivals | None = None
 
     def info(self) -> pb.ModelInfo:
         """As List and Status show it."""

@@ -1,4 +1,4 @@
-"""The daemon's side of peer tokens (see ``tensorferry._peer``): the ``<socket>.peer``
+"""The daemon's side of peer tokens (see ``tensorferry.peer_token``): the ``<socket>.peer``
 listener, and who a call comes from.
 
 A token stands for one process: the pid, uid and gid the kernel reported for the
@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tensorferry._peer import PEER_KEY, peer_socket
 from tensorferry.daemon.config import ConfigError
 from tensorferry.errors import InvalidRequest
+from tensorferry.peer_token import PEER_KEY, peer_socket
 
 log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")

@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tensorferry.daemon.cuda_load import load_plan_cuda
+from tensorferry.daemon.cpu_load import Loaded, OnLanded, check_model_size, load_plan
 from tensorferry.daemon.devices import CPU
 from tensorferry.daemon.fetch import RetryPolicy
-from tensorferry.daemon.pipeline import Loaded, check_model_size, load_plan
+from tensorferry.daemon.gpu.load import load_plan_cuda
 from tensorferry.daemon.planner import Plan
-from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.store.base import Store
 
 if TYPE_CHECKING:
-    from tensorferry.daemon.cuda_runtime import CudaRuntime
+    from tensorferry.daemon.gpu.runtime import CudaRuntime
 
 
 async def place_plan(
@@ -34,6 +34,7 @@ async def place_plan(
     max_model_bytes: int = 0,
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],
+    on_arena: Callable[[ShmArena], OnLanded | None] = lambda arena: None,
 ) -> tuple[Loaded, ...]:
     """Fetch the plan into an arena on each device (several GPUs: one fetch fills all);
     one result per device, in the order given."""
@@ -41,6 +42,7 @@ async def place_plan(
         loaded = await load_plan(
             store, plan, uri, cpu, concurrency=concurrency, policy=policy,
             max_model_bytes=max_model_bytes, on_plan=on_plan, progress=progress,
+            on_arena=on_arena,
         )  # fmt: skip
         return (loaded,)
     assert cuda is not None, devices

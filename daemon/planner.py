@@ -10,10 +10,10 @@ import fnmatch
 import re
 from collections.abc import Callable
 
-from tensorferry.daemon.safetensors import DTYPE_SIZES, TensorEntry
 from tensorferry.daemon.source import Source
 from tensorferry.daemon.store.base import ObjectInfo
 from tensorferry.errors import InvalidArtifact, InvalidRequest, quote
+from tensorferry.format.safetensors import DTYPE_SIZES, TensorEntry
 
 ARENA_ALIGN = 4096
 

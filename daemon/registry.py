@@ -19,16 +19,16 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tensorferry.daemon.cpu_load import Loaded
 from tensorferry.daemon.devices import CPU
 from tensorferry.daemon.model import Eviction, Model, ModelKey, State
-from tensorferry.daemon.pipeline import Loaded
 from tensorferry.daemon.sinks import Sinks
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
 from tensorferry.errors import FailedPrecondition, ModelNotFound, ResourceExhausted, quote
 
 if TYPE_CHECKING:
     from tensorferry.cuda import DeviceInfo
-    from tensorferry.daemon.cuda_runtime import CudaRuntime
+    from tensorferry.daemon.gpu.runtime import CudaRuntime
 
 log = logging.getLogger(__name__)
 

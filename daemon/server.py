@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorferry.daemon import systemd
 from tensorferry.daemon.admission import Admission, Gate
 from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
-from tensorferry.daemon.cuda_runtime import open_cuda
+from tensorferry.daemon.gpu.runtime import open_cuda
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.metrics import Metrics
 from tensorferry.daemon.peers import serve_peers

@@ -17,17 +17,17 @@ from typing import Any
 import grpc
 
 from tensorferry import __version__
-from tensorferry._peer import LEASE_END_KEY
 from tensorferry.daemon.config import Settings
 from tensorferry.daemon.devices import resolve_devices
+from tensorferry.daemon.load_events import Waiting, table_events
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.model import State
 from tensorferry.daemon.peers import Peer, Peers
 from tensorferry.daemon.records import LoadRecord, as_message
 from tensorferry.daemon.registry import Registry
-from tensorferry.daemon.requests import check_rank, check_select, extra_files
 from tensorferry.daemon.sinks.cpu_shm import ShmUsage
 from tensorferry.daemon.source import check_allowed, list_source, parse_uri
+from tensorferry.daemon.validation import check_rank, check_select, extra_files
 from tensorferry.errors import (
     DaemonUnavailable,
     InvalidRequest,
@@ -35,12 +35,11 @@ from tensorferry.errors import (
     SourceNotFound,
     quote,
 )
+from tensorferry.peer_token import LEASE_END_KEY
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-TENSORS_PER_MESSAGE = 2000  # ~200 KB per message, far below gRPC's 4 MiB default
-PROGRESS_INTERVAL = 0.1
 FILE_CHUNK = 1 << 20
 MAX_FILE_BYTES = 256 << 20
 WRITE_FAILED_GRACE = 2.0
@@ -101,22 +100,19 @@ class LoaderService(pb_grpc.LoaderServicer):
         if existed and model.state is State.READY:
             yield pb.LoadEvent(progress=pb.Progress(stage="attach"))
         group = [model, *(m for k in target.fan_out if (m := self.registry.find(k)) is not None)]
-        sent = -1
+        waiting = Waiting(model, group, lease and getattr(request, "stream_tensors", False))
         model.waiters += 1
         model.keep = model.keep or not lease  # a preload finishes even if its caller goes
         model.pinned = model.pinned or bool(getattr(request, "pin", False))
         try:
-            while not all(m.done.done() for m in group):
-                await asyncio.wait([m.done for m in group], timeout=PROGRESS_INTERVAL)
-                if model.bytes_done != sent:
-                    sent = model.bytes_done
-                    yield pb.LoadEvent(
-                        progress=pb.Progress(
-                            stage="fetch", bytes_done=sent, bytes_total=model.bytes_total
-                        )
-                    )
+            async for event in waiting.events():
+                yield event
         finally:
             self.registry.leave(model)
+            if waiting.announced and not model.done.done():
+                # A worker that mapped the arena early may keep views past its stream's
+                # end: those pages must never become another model's.
+                model.released_early = True
         if any(m.done.cancelled() for m in group):
             raise DaemonUnavailable(
                 f"the load of {ref.uri} was cancelled (its requesters went away, or the "
@@ -129,7 +125,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             # Evicted between becoming ready and this request waking: its arena may be
             # gone already, so no lease on it.
             raise model.evicted_error()
-        attached = existed and model.state is State.READY and sent < 0
+        attached = existed and model.state is State.READY and waiting.bytes_sent < 0
         if attached:
             self.loader.recent.append(
                 LoadRecord(ref.uri, "attached", total_seconds=time.monotonic() - t0)
@@ -139,18 +135,13 @@ class LoaderService(pb_grpc.LoaderServicer):
         if lease:
             self._released[lease_id] = released
         try:
-            tensors = [
-                pb.TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape, offset=t.offset,
-                              nbytes=t.nbytes)
-                for t in loaded.plan.tensors
-            ]  # fmt: skip
-            for i in range(0, len(tensors), TENSORS_PER_MESSAGE):
-                batch = pb.TensorBatch(tensors=tensors[i : i + TENSORS_PER_MESSAGE])
-                yield pb.LoadEvent(tensors=batch)
+            if not waiting.announced:
+                for event in table_events(loaded.plan):
+                    yield event
             yield pb.LoadEvent(
                 ready=pb.Ready(
                     model_id=model.id, lease_id=lease_id, **loaded.arena.grant(),
-                    tensor_count=len(tensors), total_bytes=loaded.plan.tensor_bytes,
+                    tensor_count=len(loaded.plan.tensors), total_bytes=loaded.plan.tensor_bytes,
                     attached=attached, seconds=time.monotonic() - t0,
                     files=extra_files(target.listing),
                 )

@@ -14,10 +14,18 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from tensorferry.daemon._tasks import task_group
 from tensorferry.daemon.config import DEFAULT_MAX_TENSORS, Settings, normalize_allow_entry
-from tensorferry.daemon.manifest import RESERVED_PREFIX
-from tensorferry.daemon.safetensors import (
+from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.tasks import task_group
+from tensorferry.errors import (
+    InvalidArtifact,
+    InvalidRequest,
+    SourceNotAllowed,
+    SourceNotFound,
+    quote,
+)
+from tensorferry.format.manifest import RESERVED_PREFIX
+from tensorferry.format.safetensors import (
     HEADER_PROBE_BYTES,
     DuplicateKeys,
     Header,
@@ -26,14 +34,6 @@ from tensorferry.daemon.safetensors import (
     loads,
     parse_header,
     too_many_tensors,
-)
-from tensorferry.daemon.store.base import ObjectInfo, Store
-from tensorferry.errors import (
-    InvalidArtifact,
-    InvalidRequest,
-    SourceNotAllowed,
-    SourceNotFound,
-    quote,
 )
 
 INDEX_NAME = "model.safetensors.index.json"

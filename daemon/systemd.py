@@ -11,12 +11,12 @@ import contextlib
 import os
 import socket
 
-from tensorferry import _env
+from tensorferry import env
 
 
 def notify(state: str) -> bool:
     """Send one state line to $NOTIFY_SOCKET; False when not run by systemd."""
-    address = _env.notify_socket()
+    address = env.notify_socket()
     if not address:
         return False
     if address.startswith("@"):  # abstract namespace
@@ -30,8 +30,8 @@ def notify(state: str) -> bool:
 
 def watchdog_interval() -> float | None:
     """Half of WatchdogSec, if systemd asked this process for pings."""
-    usec = _env.watchdog_usec()
-    pid = _env.watchdog_pid()
+    usec = env.watchdog_usec()
+    pid = env.watchdog_pid()
     if usec is None or (pid is not None and pid != os.getpid()):
         return None
     return usec / 1e6 / 2

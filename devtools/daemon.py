@@ -2,7 +2,7 @@
 spawn `tensorferry serve`.
 
 The daemon runs in its own process group (as systemd would run it), with an allowlist and
-the store's credentials in its environment. `run_daemon` is the whole lifecycle; tests use
+the store's credentials in its environment. `daemon_subprocess` is the whole lifecycle; tests use
 the parts (`write_config`, `spawn_daemon`, `wait_serving`) to hold on to a daemon that
 must crash, refuse or be killed. Keep ``workdir`` short (under /tmp): a Unix socket path
 longer than 107 bytes fails to bind.
@@ -104,7 +104,7 @@ def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def run_daemon(
+def daemon_subprocess(
     workdir: Path, s3: S3Server | None, allow: list[str], *, extra_config: str = "",
     start_timeout: float = 30.0, log: Path | None = None,
 ) -> Iterator[DaemonProcess]:  # fmt: skip

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from tensorferry.client import Client
-from tensorferry.devtools.daemon import run_daemon
+from tensorferry.devtools.daemon import daemon_subprocess
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.seaweed import run_seaweed
 
@@ -63,7 +63,7 @@ def main() -> int:
             step(f"uploaded to s3://demo/generated/ in {time.monotonic() - t0:.1f} s")
             uri = "s3://demo/generated/"
             step("starting the tensorferry daemon")
-            with run_daemon(work, s3, ["s3://demo/"]) as daemon:
+            with daemon_subprocess(work, s3, ["s3://demo/"]) as daemon:
                 with Client(daemon.socket) as tf:
                     instance = tf.status().instance_id
                 proc = psutil.Process(daemon.proc.pid)

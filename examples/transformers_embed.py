@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import torch
 
 from tensorferry.client import Client
-from tensorferry.devtools.daemon import run_daemon
+from tensorferry.devtools.daemon import daemon_subprocess
 from tensorferry.devtools.seaweed import run_seaweed
 from tensorferry.integrations.transformers import from_pretrained, load_tokenizer
 
@@ -80,7 +80,7 @@ def main() -> int:
             step(f"uploaded {', '.join(sorted(p.name for p in model_dir.iterdir()))} to {uri}")
             step("starting the tensorferry daemon")
             with (
-                run_daemon(work, s3, ["s3://demo/"]) as daemon,
+                daemon_subprocess(work, s3, ["s3://demo/"]) as daemon,
                 Client(daemon.socket) as tf,
             ):
                 instance = tf.status().instance_id

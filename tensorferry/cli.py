@@ -1,36 +1,16 @@
-"""`tensorferry` command line: serve, load, preload, ls, evict, status."""
+"""`tensorferry` command line: serve, prepare, doctor, config, and the daemon commands
+(load, preload, files, ls, evict, status: `cli_models`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from tensorferry.errors import ConfigError, DaemonNotRunning, DaemonUnavailable, TensorferryError
-
-
-def _progress_bar(label: str) -> Any:
-    last = [0.0]
-    tty = sys.stderr.isatty()
-
-    def show(stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.2 and done != total:
-            return
-        last[0] = now
-        if total:
-            pct = done / total
-            bar = "#" * int(pct * 30)
-            line = f"{label} {stage} [{bar:<30}] {pct:6.1%} {done / 1e9:.2f}/{total / 1e9:.2f} GB"
-        else:
-            line = f"{label} {stage}..."
-        print(("\r" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
-
-    return show
+from tensorferry import cli_models
+from tensorferry.errors import ConfigError, TensorferryError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -66,110 +46,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from tensorferry.client import Client
-
-    return Client(args.socket)
-
-
-def _load(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        t0 = time.monotonic()
-        show = None if args.quiet else _progress_bar(args.uri)
-        with client.load(
-            args.uri, args.device, timeout=args.timeout, progress=show, select=args.select,
-            rank=args.rank, world_size=args.world_size,
-        ) as model:  # fmt: skip
-            seconds = time.monotonic() - t0
-            if show is not None and sys.stderr.isatty():
-                print(file=sys.stderr)
-            n, size = len(model.tensors), model.total_bytes
-            how = "attached to resident model" if model.attached else "loaded"
-            print(
-                f"{how} {model.model_id}: {n} tensors, {size / 1e9:.3f} GB in {seconds:.2f} s "
-                f"({size / max(seconds, 1e-9) / 1e9:.2f} GB/s)"
-            )
-    return 0
-
-
-def _preload(args: argparse.Namespace) -> int:
-    deadline = time.monotonic() + args.retry_for
-    while True:
-        try:
-            with _client(args) as client:
-                show = None if args.quiet else _progress_bar(args.uri)
-                if not args.wait:
-                    client.preload(args.uri, args.device, timeout=args.timeout, select=args.select,
-                                   rank=args.rank, world_size=args.world_size,
-                                   pin=args.pin)  # fmt: skip
-                    return 0
-                ready = client.preload(
-                    args.uri, args.device, timeout=args.timeout, progress=show, select=args.select,
-                    rank=args.rank, world_size=args.world_size, pin=args.pin,
-                )  # fmt: skip
-                print(f"resident: {ready.model_id} ({ready.total_bytes / 1e9:.3f} GB)")
-                return 0
-        except (DaemonNotRunning, DaemonUnavailable) as exc:
-            # Scale-out hooks often run while the daemon is still (re)starting.
-            if time.monotonic() >= deadline:
-                raise
-            print(f"waiting for the daemon: {exc}", file=sys.stderr)
-            time.sleep(1.0)
-
-
-def _ls(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        models = client.list()
-    if not models:
-        print("no resident models")
-    for m in models:
-        pinned = "\tpinned" if m.pinned else ""
-        print(
-            f"{m.model_id}\t{m.state}\t{m.bytes / 1e9:.3f} GB\t{m.leases} leases\t{m.uri}{pinned}"
-        )
-    return 0
-
-
-def _evict(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        response = client.evict(args.model, f"`tensorferry evict` (pid {os.getpid()})")
-    print(
-        f"evicted {', '.join(response.evicted)}; {response.pending_leases} leases still open"
-        + (
-            f"; {response.refused_waiters} waiting loads refused"
-            if response.refused_waiters
-            else ""
-        )
-    )
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
-    with _client(args) as client:
-        status = client.status()
-    if args.json:
-        print(json.dumps(MessageToDict(status), indent=2))
-        return 0
-    print(
-        f"tensorferry {status.version} pid {status.pid} instance {status.instance_id} "
-        f"up {status.uptime_seconds:.0f} s; resident {status.resident_bytes / 1e9:.3f} GB"
-    )
-    for m in status.models:
-        print(f"  {m.model_id} {m.state} {m.bytes / 1e9:.3f} GB leases={m.leases} {m.uri}")
-    for r in status.recent_loads:
-        print(f"  load {r.outcome} {r.uri}: plan {r.plan_seconds:.2f}s first byte "
-              f"{r.first_byte_seconds:.2f}s fetch {r.fetch_seconds:.2f}s total "
-              f"{r.total_seconds:.2f}s {r.gbps:.2f} GB/s {r.error}")  # fmt: skip
-    return 0
-
-
 def _prepare(args: argparse.Namespace) -> int:
     # The writer side (aiobotocore, numpy routing) loads only for this command.
-    from tensorferry.daemon.prepare import main as prepare_main
+    from tensorferry.prepare import main as prepare_main
 
-    return prepare_main(args, None if args.quiet else _progress_bar(args.src))
+    return prepare_main(args, None if args.quiet else cli_models.progress_bar(args.src))
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -219,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_serve)
     for name, func, help in (
-        ("load", _load, "load a model and report GB/s"),
-        ("preload", _preload, "make a model resident (scale-out hooks)"),
+        ("load", cli_models.load, "load a model and report GB/s"),
+        ("preload", cli_models.preload, "make a model resident (scale-out hooks)"),
     ):
         p = add(name, help)
         p.add_argument("uri")
@@ -256,10 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $TENSORFERRY_CONFIG)")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_prepare)
-    add("ls", "list resident models").set_defaults(func=_ls)
+    p = add("files", "write a source's config and tokenizer files (the daemon reads them)")
+    p.add_argument("uri")
+    p.add_argument("directory", help="e.g. the DIR of `vllm serve DIR --load-format tensorferry`")
+    p.set_defaults(func=cli_models.files)
+    add("ls", "list resident models").set_defaults(func=cli_models.ls)
     p = add("evict", "evict a model (by id or URI)")
     p.add_argument("model")
-    p.set_defaults(func=_evict)
+    p.set_defaults(func=cli_models.evict)
     p = add("doctor", "check this host for the daemon and say what to fix")
     p.add_argument("--config", help="TOML config file (default: $TENSORFERRY_CONFIG)")
     p.set_defaults(func=_doctor)
@@ -269,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_config_show)
     p = add("status", "daemon status and recent loads")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_status)
+    p.set_defaults(func=cli_models.status)
     return parser
 
 

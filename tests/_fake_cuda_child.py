@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def read_arena(uuids: list[str], handle: bytes, ordinal: int) -> bytes:
-    from tensorferry.cuda import FakeCudaApi
+    from tensorferry.cuda.fake import FakeCudaApi
 
     api = FakeCudaApi.from_uuids(uuids)
     try:

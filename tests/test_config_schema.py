@@ -23,8 +23,8 @@ from tensorferry.daemon.config import (
     load_settings,
 )
 from tensorferry.daemon.config_keys import KEYS, Key, shown_default
-from tensorferry.daemon.cuda_settings import CudaSettings
 from tensorferry.daemon.fetch import RetryPolicy
+from tensorferry.daemon.gpu.settings import CudaSettings
 from tensorferry.errors import ConfigError, TensorferryError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +184,7 @@ def test_every_command_reports_a_bad_config_with_status_2(
 def test_prepare_reaches_the_store_with_the_config_files_s3_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tensorferry.daemon.prepare as prepare_module
+    import tensorferry.prepare as prepare_module
     from tensorferry.devtools.modelgen import write_model
 
     seen: list[S3Settings] = []

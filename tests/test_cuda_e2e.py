@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tensorferry.client import AsyncClient, Client, InvalidRequest
-from tensorferry.cuda import FakeCudaApi
+from tensorferry.cuda.fake import FakeCudaApi
 from tensorferry.errors import FailedPrecondition
 from tests._cuda_helpers import wait_for, worker, write_odd_model
 from tests.conftest import Daemon, assert_same_tensors, daemon_env, running_daemon

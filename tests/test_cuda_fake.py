@@ -19,14 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from tensorferry.client._cuda import CudaTarget, import_arena
-from tensorferry.cuda import CudaError, FakeCudaApi, FakeDevice
+from tensorferry.cuda import CudaError, FakeDevice
 from tensorferry.cuda import fake as fake_module
-from tensorferry.daemon.cuda_load import GpuLoaded, load_plan_cuda
-from tensorferry.daemon.cuda_runtime import CudaRuntime, open_cuda
-from tensorferry.daemon.cuda_settings import CudaSettings
-from tensorferry.daemon.gpu_layout import Piece
+from tensorferry.cuda.fake import FakeCudaApi
+from tensorferry.daemon.gpu.layout import Piece
+from tensorferry.daemon.gpu.load import GpuLoaded, load_plan_cuda
+from tensorferry.daemon.gpu.ring import Slot
+from tensorferry.daemon.gpu.runtime import CudaRuntime, open_cuda
+from tensorferry.daemon.gpu.settings import CudaSettings
 from tensorferry.daemon.planner import Plan, make_plan
-from tensorferry.daemon.ring import Slot
 from tensorferry.daemon.source import list_source, parse_uri, read_source
 from tensorferry.daemon.store.base import ObjectInfo
 from tensorferry.daemon.store.local import LocalStore

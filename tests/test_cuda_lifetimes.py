@@ -25,10 +25,11 @@ import pytest
 
 from tensorferry.client import Client
 from tensorferry.client._cuda import CudaTarget, import_arena
-from tensorferry.cuda import CudaError, Event, FakeCudaApi, FakeDevice
+from tensorferry.cuda import CudaError, Event, FakeDevice
 from tensorferry.cuda import fake as fake_module
 from tensorferry.cuda.cupy_api import CupyCudaApi
-from tensorferry.daemon.gpu_layout import Piece
+from tensorferry.cuda.fake import FakeCudaApi
+from tensorferry.daemon.gpu.layout import Piece
 from tensorferry.errors import FailedPrecondition
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tests._cuda_helpers import wait_for, write_odd_model

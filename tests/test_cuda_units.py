@@ -11,7 +11,7 @@ import torch
 from tensorferry.cuda import DeviceInfo, cuda_ordinals, normalize_pci
 from tensorferry.daemon.config import ConfigError, load_settings
 from tensorferry.daemon.devices import check_device, resolve_devices
-from tensorferry.daemon.gpu_layout import GPU_ALIGN, Piece, gpu_layout, place_tensors
+from tensorferry.daemon.gpu.layout import GPU_ALIGN, Piece, gpu_layout, place_tensors
 from tensorferry.daemon.planner import Plan, PlannedTensor, Range
 from tensorferry.daemon.store.base import ObjectInfo
 from tensorferry.errors import FailedPrecondition, InvalidRequest

@@ -18,7 +18,6 @@ import grpc
 import pytest
 
 from tensorferry.daemon.config import ConfigError, load_settings
-from tensorferry.daemon.safetensors import MAX_HEADER_BYTES
 from tensorferry.daemon.source import list_source, listing_version, parse_uri, read_source
 from tensorferry.daemon.store.base import ObjectInfo
 from tensorferry.daemon.store.local import LocalStore
@@ -32,6 +31,7 @@ from tensorferry.errors import (
     quote,
     to_status,
 )
+from tensorferry.format.safetensors import MAX_HEADER_BYTES
 from tests.conftest import Daemon, daemon_env, running_daemon
 
 F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}

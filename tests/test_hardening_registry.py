@@ -170,7 +170,7 @@ def test_status_reports_the_effective_shm_budget(tmp_path: Path) -> None:
 def test_equivalent_selections_of_a_prepared_artifact_share_one_model(tmp_path: Path) -> None:
     import asyncio
 
-    from tensorferry.daemon.prepare import Options, prepare
+    from tensorferry.prepare import Options, prepare
 
     write_model(tmp_path / "src", 1 << 20, layer_bytes=128 << 10)
     dst = tmp_path / "prepared"

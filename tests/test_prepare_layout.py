@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tensorferry.daemon.planner import align_up
-from tensorferry.daemon.prepare import prepare
-from tensorferry.daemon.prepare.run import Options
+from tensorferry.prepare import prepare
+from tensorferry.prepare.run import Options
 
 CHUNK = 64 << 10
 

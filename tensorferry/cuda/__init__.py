@@ -13,13 +13,13 @@ from tensorferry.cuda.api import (
     DeviceInfo,
     DeviceMemory,
     Event,
+    FakeDevice,
     Stream,
     cuda_ordinals,
     is_cuda_device,
     normalize_pci,
     normalize_uuid,
 )
-from tensorferry.cuda.fake import FakeCudaApi, FakeDevice
 
 __all__ = [
     "IPC_HANDLE_BYTES",
@@ -28,7 +28,6 @@ __all__ = [
     "DeviceInfo",
     "DeviceMemory",
     "Event",
-    "FakeCudaApi",
     "FakeDevice",
     "Stream",
     "cuda_ordinals",

@@ -183,3 +183,19 @@ class CudaApi(abc.ABC):
     def device_by_uuid(self, gpu_uuid: str) -> DeviceInfo | None:
         want = gpu_uuid.lower()
         return next((d for d in self.devices() if d.uuid.lower() == want), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """A device of the fake CUDA API (``[cuda] fake_devices``): plain data, so config
+    parsing needs no fake."""
+
+    uuid: str
+    memory: int = 1 << 30
+    #: Derived from the UUID when empty, so daemon and workers agree without configuring it.
+    pci_bus_id: str = ""
+
+    def info(self, ordinal: int) -> DeviceInfo:
+        raw = uuid.UUID(self.uuid.removeprefix("GPU-")).bytes
+        pci = self.pci_bus_id or f"0000:{raw[0]:02x}:{raw[1] % 32:02x}.0"
+        return DeviceInfo(ordinal, normalize_uuid(self.uuid), normalize_pci(pci))

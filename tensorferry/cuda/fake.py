@@ -19,10 +19,7 @@ Select it explicitly: ``[cuda] api = "fake"`` in the daemon's config, and
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import itertools
-import mmap
-import os
 import random
 import secrets
 import threading
@@ -31,72 +28,26 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tensorferry.cuda import fake_memory
 from tensorferry.cuda.api import (
-    IPC_HANDLE_BYTES,
     CudaApi,
     CudaError,
     DeviceInfo,
     DeviceMemory,
     Event,
+    FakeDevice,
     Stream,
-    normalize_pci,
-    normalize_uuid,
 )
+from tensorferry.cuda.fake_memory import PREFIX, HostRange, Mapping
 from tensorferry.cuda.fake_streams import FakeEvent, FakeStream
 
 if TYPE_CHECKING:
     import torch
 
-#: This process's fake CUDA context: a handle exported here cannot be opened here.
+#: This process's fake CUDA context: a handle exported here cannot be opened here. Read
+#: at each call rather than handed to ``fake_memory`` once, so that tests can patch it to
+#: play another process.
 _CONTEXT = secrets.token_bytes(8)
-_MAGIC = b"TFFK"
-#: Name prefix of the files standing in for device memory (not ``tensorferry.``: those
-#: are CPU arenas, swept by the daemon's own rules).
-PREFIX = "tffakecuda."
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeDevice:
-    uuid: str
-    memory: int = 1 << 30
-    #: Derived from the UUID when empty, so daemon and workers agree without configuring it.
-    pci_bus_id: str = ""
-
-    def info(self, ordinal: int) -> DeviceInfo:
-        raw = uuid.UUID(self.uuid.removeprefix("GPU-")).bytes
-        pci = self.pci_bus_id or f"0000:{raw[0]:02x}:{raw[1] % 32:02x}.0"
-        return DeviceInfo(ordinal, normalize_uuid(self.uuid), normalize_pci(pci))
-
-
-@dataclasses.dataclass(eq=False)
-class _Mapping:
-    ptr: int
-    size: int
-    ordinal: int  # -1: a device this process does not see
-    device_uuid: bytes
-    mm: mmap.mmap
-    anchor: ctypes.c_char | None  # pins the buffer export that gives us the address
-    path: Path | None = None  # allocations own their file; imports do not
-    seq: int = 0
-    refs: int = 1  # opens of an imported handle (CUDA refcounts them per context)
-    writes: int = 0  # queued copies into it
-
-    def unmap(self) -> None:
-        self.anchor = None
-        self.mm.close()
-
-
-@dataclasses.dataclass(eq=False)
-class _HostRange:
-    ptr: int
-    size: int
-    reads: int = 0  # queued copies out of it
-
-
-def _map_file(fd: int, size: int) -> tuple[mmap.mmap, ctypes.c_char, int]:
-    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    anchor = ctypes.c_char.from_buffer(mm)
-    return mm, anchor, ctypes.addressof(anchor)
 
 
 class FakeCudaApi(CudaApi):
@@ -112,9 +63,9 @@ class FakeCudaApi(CudaApi):
         self._rng = random.Random(seed)
         self.shm_dir = shm_dir
         self._lock = threading.Lock()
-        self._allocs: dict[int, _Mapping] = {}
-        self._imports: dict[int, _Mapping] = {}
-        self._host: dict[int, _HostRange] = {}
+        self._allocs: dict[int, Mapping] = {}
+        self._imports: dict[int, Mapping] = {}
+        self._host: dict[int, HostRange] = {}
         self._streams: list[FakeStream] = []
         self._seq = itertools.count(1)
         self._copies = itertools.count(1)
@@ -171,19 +122,11 @@ class FakeCudaApi(CudaApi):
             if nbytes > self._devices[ordinal].memory - self._used(ordinal):
                 raise CudaError("cudaErrorMemoryAllocation: out of memory")
             seq = next(self._seq)
-        path = self.shm_dir / f"{PREFIX}{_CONTEXT.hex()}.{seq}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, nbytes)
-            mm, anchor, ptr = _map_file(fd, nbytes)
-        except BaseException:
-            path.unlink()
-            raise
-        finally:
-            os.close(fd)
+        path = fake_memory.device_path(self.shm_dir, _CONTEXT, seq)
+        mm, anchor, ptr = fake_memory.create_device_file(path, nbytes)
         raw = uuid.UUID(self._infos[ordinal].uuid.removeprefix("GPU-")).bytes
         with self._lock:
-            self._allocs[ptr] = _Mapping(ptr, nbytes, ordinal, raw, mm, anchor, path, seq)
+            self._allocs[ptr] = Mapping(ptr, nbytes, ordinal, raw, mm, anchor, path, seq)
         return DeviceMemory(ordinal, ptr, nbytes)
 
     def free(self, mem: DeviceMemory) -> None:
@@ -218,15 +161,11 @@ class FakeCudaApi(CudaApi):
             m = self._allocs.get(mem.ptr)
         if m is None:
             raise CudaError("cudaErrorInvalidValue: not the base of an allocation")
-        handle = _MAGIC + _CONTEXT + m.device_uuid + m.seq.to_bytes(8, "little")
-        return handle.ljust(IPC_HANDLE_BYTES, b"\0")
+        return fake_memory.encode_handle(_CONTEXT, m.device_uuid, m.seq)
 
     def ipc_open(self, handle: bytes, ordinal: int) -> int:
         self._check_ordinal(ordinal)
-        if len(handle) != IPC_HANDLE_BYTES or not handle.startswith(_MAGIC):
-            raise CudaError("cudaErrorInvalidResourceHandle: invalid resource handle")
-        context, device_uuid = handle[4:12], handle[12:28]
-        seq = int.from_bytes(handle[28:36], "little")
+        context, device_uuid, seq = fake_memory.decode_handle(handle)
         if context == _CONTEXT:
             raise CudaError("cudaErrorDeviceUninitialized: invalid device context")
         with self._lock:
@@ -234,21 +173,13 @@ class FakeCudaApi(CudaApi):
                 if m.device_uuid == device_uuid and m.seq == seq:
                     m.refs += 1
                     return m.ptr
-        path = self.shm_dir / f"{PREFIX}{context.hex()}.{seq}"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise CudaError(
-                "cudaErrorMapBufferObjectFailed: mapping of buffer object failed"
-            ) from None
-        try:
-            mm, anchor, ptr = _map_file(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        mm, anchor, ptr = fake_memory.open_device_file(
+            fake_memory.device_path(self.shm_dir, context, seq)
+        )
         owner = uuid.UUID(bytes=device_uuid)
         where = next((d.ordinal for d in self._infos if d.uuid == f"GPU-{owner}"), -1)
         with self._lock:
-            self._imports[ptr] = _Mapping(ptr, len(mm), where, device_uuid, mm, anchor, seq=seq)
+            self._imports[ptr] = Mapping(ptr, len(mm), where, device_uuid, mm, anchor, seq=seq)
         return ptr
 
     def ipc_close(self, ptr: int, ordinal: int) -> None:
@@ -271,25 +202,11 @@ class FakeCudaApi(CudaApi):
 
     def host_register(self, ptr: int, nbytes: int) -> None:
         with self._lock:
-            for r in self._host.values():
-                if r.ptr < ptr + nbytes and ptr < r.ptr + r.size:
-                    raise CudaError(
-                        "cudaErrorHostMemoryAlreadyRegistered: part or all of the requested "
-                        "memory range is already mapped"
-                    )
-            self._host[ptr] = _HostRange(ptr, nbytes)
+            fake_memory.register_host(self._host, ptr, nbytes)
 
     def host_unregister(self, ptr: int) -> None:
         with self._lock:
-            r = self._host.get(ptr)
-            if r is None:
-                raise CudaError("cudaErrorHostMemoryNotRegistered: pointer not registered")
-            if r.reads:
-                raise CudaError(
-                    f"fake CUDA: unregister of {ptr:#x} while {r.reads} queued copies still "
-                    "read from it"
-                )
-            del self._host[ptr]
+            fake_memory.unregister_host(self._host, ptr)
 
     def pending_reads(self, ptr: int, nbytes: int) -> int:
         """Queued copies whose source overlaps [ptr, ptr + nbytes): a ring slot with any
@@ -319,22 +236,9 @@ class FakeCudaApi(CudaApi):
                 if self.fail_copy_at <= 0:
                     self.fail_copy_at = None
                     raise CudaError("cudaErrorLaunchFailure: unspecified launch failure")
-            end = src + nbytes
-            host = next((r for r in self._host.values() if r.ptr <= src and end <= r.ptr + r.size),
-                        None)  # fmt: skip
-            if host is None:
-                raise CudaError(
-                    f"fake CUDA: copy from unregistered (pageable) host memory at {src:#x}; a "
-                    "GPU would stage it synchronously"
-                )
-            end = dst + nbytes
-            dev = next((m for m in self._allocs.values() if m.ptr <= dst and end <= m.ptr + m.size),
-                       None)  # fmt: skip
-            if dev is None or dev.ordinal != stream.ordinal:
-                raise CudaError(
-                    "cudaErrorInvalidValue: invalid argument (destination is not memory of the "
-                    "stream's device)"
-                )
+            host, dev = fake_memory.copy_ends(
+                self._host.values(), self._allocs.values(), dst, src, nbytes, stream.ordinal
+            )
             copy = next(self._copies)
             self._inflight[copy] = (src, nbytes)
             host.reads += 1
@@ -373,14 +277,7 @@ class FakeCudaApi(CudaApi):
             stream.synchronize()
 
     def as_tensor(self, owner: object, ptr: int, nbytes: int, ordinal: int) -> torch.Tensor:
-        # A CPU tensor over the mapping: numpy keeps ``owner`` (the array's base) alive.
-        import numpy as np
-        import torch
-
-        owner.__array_interface__ = {  # type: ignore[attr-defined]
-            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
-        }  # fmt: skip
-        return torch.from_numpy(np.asarray(owner))
+        return fake_memory.tensor_over(owner, ptr, nbytes)
 
     def read(self, ptr: int, nbytes: int) -> bytes:
         """Bytes of fake device memory (tests: what a D2H copy would return)."""
@@ -395,7 +292,4 @@ class FakeCudaApi(CudaApi):
             self._allocs.clear()
             self._imports.clear()
             self._host.clear()
-        for m in mappings:
-            m.unmap()
-            if m.path is not None:
-                m.path.unlink(missing_ok=True)
+        fake_memory.release(mappings)

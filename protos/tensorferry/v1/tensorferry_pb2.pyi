@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadRequest(_message.Message):
-    __slots__ = ("uri", "device", "client_name", "select", "rank", "world_size", "gpu_uuids")
+    __slots__ = ("uri", "device", "client_name", "select", "rank", "world_size", "gpu_uuids", "stream_tensors")
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class LoadRequest(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     uri: str
     device: str
     client_name: str
@@ -22,7 +23,8 @@ class LoadRequest(_message.Message):
     rank: int
     world_size: int
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
+    stream_tensors: bool
+    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., stream_tensors: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total")
@@ -96,15 +98,37 @@ class Ready(_message.Message):
     files: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, model_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., cpu_shm: _Optional[_Union[CpuShmGrant, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcGrant, _Mapping]] = ..., tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., attached: _Optional[bool] = ..., seconds: _Optional[float] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Arena(_message.Message):
+    __slots__ = ("model_id", "cpu_shm", "cuda_ipc", "tensor_count")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CPU_SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    cpu_shm: CpuShmGrant
+    cuda_ipc: CudaIpcGrant
+    tensor_count: int
+    def __init__(self, model_id: _Optional[str] = ..., cpu_shm: _Optional[_Union[CpuShmGrant, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcGrant, _Mapping]] = ..., tensor_count: _Optional[int] = ...) -> None: ...
+
+class Landed(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tensors: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class LoadEvent(_message.Message):
-    __slots__ = ("progress", "tensors", "ready")
+    __slots__ = ("progress", "tensors", "ready", "arena", "landed")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    ARENA_FIELD_NUMBER: _ClassVar[int]
+    LANDED_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     tensors: TensorBatch
     ready: Ready
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., tensors: _Optional[_Union[TensorBatch, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ...) -> None: ...
+    arena: Arena
+    landed: Landed
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., tensors: _Optional[_Union[TensorBatch, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., arena: _Optional[_Union[Arena, _Mapping]] = ..., landed: _Optional[_Union[Landed, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id",)

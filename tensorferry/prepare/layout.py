@@ -16,12 +16,12 @@ from typing import Protocol
 
 import numpy as np
 
-from tensorferry.daemon.manifest import SHARED, DataObject, Split, balanced, slice_shape
 from tensorferry.daemon.planner import align_up
-from tensorferry.daemon.prepare.shardplan import ShardPlan
-from tensorferry.daemon.safetensors import DTYPE_SIZES
 from tensorferry.daemon.source import Source
 from tensorferry.errors import InvalidArtifact
+from tensorferry.format.manifest import SHARED, DataObject, Split, balanced, slice_shape
+from tensorferry.format.safetensors import DTYPE_SIZES
+from tensorferry.prepare.shardplan import ShardPlan
 
 BLOCK = 8 << 20
 SHARED_NAME = "tensorferry.data.shared"

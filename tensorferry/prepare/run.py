@@ -18,8 +18,13 @@ import hashlib
 import time
 from collections.abc import Callable
 
-from tensorferry.daemon._tasks import task_group
-from tensorferry.daemon.manifest import (
+from tensorferry.daemon.planner_prepared import is_prepared
+from tensorferry.daemon.source import INDEX_NAME, Source, list_source, parse_uri, read_source
+from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.tasks import task_group
+from tensorferry.errors import InvalidRequest, StoreUnavailable
+from tensorferry.format.decode import decode_manifest
+from tensorferry.format.manifest import (
     MANIFEST_NAME,
     RESERVED_PREFIX,
     FileRecord,
@@ -29,15 +34,10 @@ from tensorferry.daemon.manifest import (
     encode_manifest,
     valid_file_name,
 )
-from tensorferry.daemon.manifest_decode import decode_manifest
-from tensorferry.daemon.prepare.builder import ObjectBuilder
-from tensorferry.daemon.prepare.layout import Layout, Piece, make_layout
-from tensorferry.daemon.prepare.outputs import Destination, ObjectWriter
-from tensorferry.daemon.prepare.shardplan import ShardPlan
-from tensorferry.daemon.prepared import is_prepared
-from tensorferry.daemon.source import INDEX_NAME, Source, list_source, parse_uri, read_source
-from tensorferry.daemon.store.base import ObjectInfo, Store
-from tensorferry.errors import InvalidRequest, StoreUnavailable
+from tensorferry.prepare.builder import ObjectBuilder
+from tensorferry.prepare.layout import Layout, Piece, make_layout
+from tensorferry.prepare.outputs import Destination, ObjectWriter
+from tensorferry.prepare.shardplan import ShardPlan
 
 READ_AHEAD = 8
 PARTS_IN_FLIGHT = 8

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tensorferry.daemon.manifest import MAX_WORLD_SIZE, RESERVED_PREFIX
 from tensorferry.daemon.store.base import ObjectInfo
 from tensorferry.errors import InvalidRequest, quote
+from tensorferry.format.manifest import MAX_WORLD_SIZE, RESERVED_PREFIX
 
 MAX_PATTERNS = 10_000
 

@@ -19,8 +19,8 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from tensorferry.cuda import CudaApi, CudaError, DeviceInfo, Event, Stream
-from tensorferry.daemon.gpu_layout import Piece
-from tensorferry.daemon.ring import PinnedRing, Slot
+from tensorferry.daemon.gpu.layout import Piece
+from tensorferry.daemon.gpu.ring import PinnedRing, Slot
 from tensorferry.daemon.sinks.cuda import CudaArena
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tensorferry.daemon.manifest import RESERVED_PREFIX
 from tensorferry.daemon.store.s3 import S3Backend, S3Store
+from tensorferry.format.manifest import RESERVED_PREFIX
 
 
 class ObjectWriter(abc.ABC):

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from tensorferry.daemon.manifest import (
+from tensorferry.daemon.planner import ARENA_ALIGN, Plan, PlannedTensor, Range, align_up, selector
+from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.errors import InvalidArtifact, InvalidRequest
+from tensorferry.format.decode import decode_manifest
+from tensorferry.format.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     Manifest,
     Slice,
 )
-from tensorferry.daemon.manifest_decode import decode_manifest
-from tensorferry.daemon.planner import ARENA_ALIGN, Plan, PlannedTensor, Range, align_up, selector
-from tensorferry.daemon.store.base import ObjectInfo, Store
-from tensorferry.errors import InvalidArtifact, InvalidRequest
 
 
 def is_prepared(listing: list[ObjectInfo]) -> bool:

@@ -10,7 +10,7 @@ import collections
 
 import crc32c
 
-from tensorferry.daemon.prepare.layout import OutSlice
+from tensorferry.prepare.layout import OutSlice
 
 MIN_PART = 8 << 20
 MAX_PARTS = 10_000  # S3's limit on parts in one multipart upload

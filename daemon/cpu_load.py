@@ -13,6 +13,9 @@ from tensorferry.daemon.sinks.cuda import CudaArena
 from tensorferry.daemon.store.base import Store
 from tensorferry.errors import ResourceExhausted
 
+#: ``on_landed(arena_offset, length)``: those arena bytes are in place (``Arrivals``).
+OnLanded = Callable[[int, int], None]
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Loaded:
@@ -24,11 +27,16 @@ class Loaded:
 class IntoArena(Destination[Range, None]):
     """Each range into its own slice of the arena: nothing is lent, nothing handed on."""
 
-    def __init__(self, arena: memoryview) -> None:
+    def __init__(self, arena: memoryview, on_landed: OnLanded | None = None) -> None:
         self._arena = arena
+        self._on_landed = on_landed
 
     def place(self, job: Range, lent: None) -> tuple[Range, memoryview]:
         return job, self._arena[job.arena_offset : job.arena_offset + job.length]
+
+    def landed(self, job: Range, lent: None) -> None:
+        if self._on_landed is not None:
+            self._on_landed(job.arena_offset, job.length)
 
 
 def check_model_size(plan: Plan, uri: str, max_model_bytes: int) -> None:
@@ -51,18 +59,26 @@ async def load_plan(
     max_model_bytes: int = 0,
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],
+    on_arena: Callable[[ShmArena], OnLanded | None] = lambda arena: None,
 ) -> Loaded:
-    """Allocate the plan's arena and fetch its ranges; plans of every kind come here."""
+    """Allocate the plan's arena and fetch its ranges; plans of every kind come here.
+
+    ``on_arena`` sees the arena before the first byte is fetched; what it returns is told
+    each range that lands (a streamed load's workers map the arena early)."""
     check_model_size(plan, uri, max_model_bytes)
     on_plan(plan)
     arena = sink.allocate(plan.arena_size, uri)
+    on_landed = None
     try:
+        on_landed = on_arena(arena)
         stats = await fetch_ranges(
-            store, plan.ranges, IntoArena(arena.view), concurrency=concurrency, policy=policy,
-            progress=progress,
+            store, plan.ranges, IntoArena(arena.view, on_landed), concurrency=concurrency,
+            policy=policy, progress=progress,
         )  # fmt: skip
     except BaseException:
-        sink.release(arena)
+        # Streaming workers may have mapped it: their pages must never become another
+        # model's, so the segment is unlinked, not kept for reuse.
+        sink.release(arena, recycle=on_landed is None)
         raise
     # The daemon keeps its mapping while the model is resident: unmapping 2 GiB takes
     # 70 ms of the load here, and a freed arena is reused mapped (see sinks/cpu_shm.py).

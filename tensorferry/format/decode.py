@@ -14,7 +14,8 @@ from typing import Any
 
 import msgpack
 
-from tensorferry.daemon.manifest import (
+from tensorferry.errors import InvalidArtifact
+from tensorferry.format.manifest import (
     CHECKSUM,
     DIGEST,
     FILE_NAME,
@@ -47,8 +48,7 @@ from tensorferry.daemon.manifest import (
     nbytes_of,
     slice_shape,
 )
-from tensorferry.daemon.safetensors import DTYPE_SIZES
-from tensorferry.errors import InvalidArtifact
+from tensorferry.format.safetensors import DTYPE_SIZES
 
 
 class _Reader:

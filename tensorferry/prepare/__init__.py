@@ -12,20 +12,20 @@ import sys
 from pathlib import Path
 
 from tensorferry.daemon.config import ConfigError, S3Settings, load_s3_settings, parse_size
-from tensorferry.daemon.manifest import (
+from tensorferry.daemon.source import SourceRef, parse_uri
+from tensorferry.daemon.store.factory import open_store
+from tensorferry.daemon.store.s3 import S3Backend
+from tensorferry.errors import InvalidRequest
+from tensorferry.format.manifest import (
     MANIFEST_NAME,
     MAX_ALIGN,
     MAX_CHUNK,
     MIN_ALIGN,
     MIN_CHUNK,
 )
-from tensorferry.daemon.prepare.outputs import Destination, LocalDestination, S3Destination
-from tensorferry.daemon.prepare.run import Options, ProgressFn, Result, run_prepare
-from tensorferry.daemon.prepare.shardplan import check_world_size, load_shard_plan
-from tensorferry.daemon.source import SourceRef, parse_uri
-from tensorferry.daemon.store.factory import open_store
-from tensorferry.daemon.store.s3 import S3Backend
-from tensorferry.errors import InvalidRequest
+from tensorferry.prepare.outputs import Destination, LocalDestination, S3Destination
+from tensorferry.prepare.run import Options, ProgressFn, Result, run_prepare
+from tensorferry.prepare.shardplan import check_world_size, load_shard_plan
 
 
 def check_sizes(chunk_size: int, align: int) -> None:

@@ -1,6 +1,6 @@
 """The prepared-artifact manifest (docs/format.md): its data model, limits and encoding.
 
-``tensorferry.daemon.manifest_decode`` reads it back, validating every field.
+``tensorferry.format.decode`` reads it back, validating every field.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import struct
 
 import msgpack
 
-from tensorferry.daemon.safetensors import DTYPE_SIZES
+from tensorferry.format.safetensors import DTYPE_SIZES
 
 MANIFEST_NAME = "tensorferry.manifest.msgpack"
-FORMAT = "tensorferry.prepared"
+FORMAT = "tensorferry.daemon.planner_prepared"
 VERSION = 1
 CHECKSUM = "crc32c"
 #: The manifest, data objects and nothing else of ours share this name prefix.

@@ -31,8 +31,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from tensorferry.daemon.manifest import MAX_WORLD_SIZE, Split
 from tensorferry.errors import InvalidRequest
+from tensorferry.format.manifest import MAX_WORLD_SIZE, Split
 
 _SPLITS = {"column": 0, "row": 1, "none": None}
 _KEYS = {"match", "split", "dim", "fused", "uneven"}

@@ -13,11 +13,11 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
-from tensorferry.cuda import CudaApi, DeviceInfo, FakeCudaApi, real_api
+from tensorferry.cuda import CudaApi, DeviceInfo, real_api
 from tensorferry.daemon.config import ConfigError
-from tensorferry.daemon.cuda_settings import CudaSettings
-from tensorferry.daemon.h2d import CopyEngine
-from tensorferry.daemon.ring import PinnedRing
+from tensorferry.daemon.gpu.h2d import CopyEngine
+from tensorferry.daemon.gpu.ring import PinnedRing
+from tensorferry.daemon.gpu.settings import CudaSettings
 from tensorferry.daemon.sinks.cuda import CudaSink
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ def _api(settings: CudaSettings) -> CudaApi | None:
     if settings.api == "off":
         return None
     if settings.api == "fake":
+        from tensorferry.cuda.fake import FakeCudaApi
+
         fake = FakeCudaApi(list(settings.fake_devices), jitter=settings.fake_jitter)
         # Its device memory is files named after this context: tests find this daemon's.
         log.warning("FAKE CUDA (test double), device memory files %s*", fake.file_prefix)

@@ -1,0 +1,166 @@
+"""Tensors as they land: a streamed Load (``stream_tensors``) read into (name, tensor) pairs.
+
+The daemon sends the tensor table and the arena's grant as soon as the arena exists, then
+``Landed`` events naming the tensors whose bytes are all in place; the worker maps the arena
+once and hands each tensor on as it is named, so an engine copies weights while the rest
+is fetched. The ready event yields whatever is left (a resident model: everything at once,
+and an older daemon that does not stream: the same) and becomes a `LoadedModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from tensorferry.client._core import LoadStream, ProgressFn, not_resident
+from tensorferry.client._model import LoadedModel, map_or_end
+from tensorferry.errors import FailedPrecondition, from_rpc_error
+from tensorferry.v1 import tensorferry_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+    from tensorferry.client._cuda import CudaTarget
+
+Pair = tuple[str, "torch.Tensor"]
+
+
+class Assembler:
+    """Events in, newly available tensors out; `model` once the ready event has come."""
+
+    def __init__(
+        self, progress: ProgressFn | None, target: CudaTarget | None,
+        lease: Callable[[], tuple[Callable[[], None], Callable[[], str | None]]],
+    ) -> None:  # fmt: skip
+        self._stream = LoadStream(progress)
+        self._target = target
+        #: Called once, when the arena is mapped: (end_lease, lease_end).
+        self._lease = lease
+        self._lease_end: Callable[[], str | None] = lambda: None
+        self._flat: torch.Tensor | None = None
+        self._given: set[int] = set()
+        self.model: LoadedModel | None = None
+
+    def feed(self, event: pb.LoadEvent) -> list[Pair]:
+        ready = self._stream.feed(event)
+        kind = event.WhichOneof("event")
+        if kind == "arena":
+            self._map(event.arena)
+        elif kind == "landed":
+            return self._views(event.landed.tensors)
+        if ready is None:
+            return []
+        if self._flat is None:
+            self._map(ready)
+        table = self._stream.table
+        rest = self._views(i for i in range(len(table)) if i not in self._given)
+        from tensorferry.client._views import build_views
+
+        assert self._flat is not None
+        self.model = LoadedModel(ready, build_views(self._flat, table), self._lease_end)
+        self._flat = None
+        return rest
+
+    def _map(self, grant: pb.Arena | pb.Ready) -> None:
+        if self._flat is not None:
+            return
+        end_lease, self._lease_end = self._lease()
+        self._flat = map_or_end(grant, self._target, end_lease)
+
+    def _views(self, indexes: Any) -> list[Pair]:
+        if self._flat is None:
+            raise FailedPrecondition("the daemon named landed tensors before their arena")
+        from tensorferry.client._views import build_views
+
+        table, out = self._stream.table, list[Pair]()
+        for i in indexes:
+            if i in self._given or i >= len(table):
+                continue
+            self._given.add(i)
+            out += build_views(self._flat, [table[i]]).items()
+        return out
+
+
+class TensorStream:
+    """``for name, tensor in client.stream(uri)``: tensors in landing order; then `model`
+    (the lease, as `Client.load` returns it). Leaving the loop early ends the request."""
+
+    def __init__(
+        self, call: Any, assembler: Assembler, uri: str, socket: str, timeout: float | None,
+        timed_out: Callable[[], bool], cleanup: Callable[[], None],
+    ) -> None:  # fmt: skip
+        self._call, self._asm, self._uri, self._socket = call, assembler, uri, socket
+        self._timeout, self._timed_out, self._cleanup = timeout, timed_out, cleanup
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._asm.model is None:
+            raise FailedPrecondition("the stream has not reached its ready event yet")
+        return self._asm.model
+
+    def __iter__(self) -> Iterator[Pair]:
+        try:
+            for event in self._call:
+                yield from self._asm.feed(event)
+                if self._asm.model is not None:
+                    return
+        except grpc.RpcError as err:
+            self._call.cancel()
+            if self._timed_out() and self._call.code() == grpc.StatusCode.CANCELLED:
+                raise not_resident(self._uri, self._timeout) from None
+            raise from_rpc_error(err, self._socket) from None
+        except BaseException:
+            if self._asm.model is None:  # once it exists, its views hold the lease
+                self._call.cancel()
+            raise
+        finally:
+            self._cleanup()
+        raise LoadStream.ended()
+
+
+class AsyncTensorStream:
+    """`TensorStream` for `AsyncClient`: ``async for name, tensor in client.stream(uri)``."""
+
+    def __init__(
+        self, start: Callable[[], Awaitable[tuple[Any, Assembler]]], uri: str, socket: str,
+        timeout: float | None,
+    ) -> None:  # fmt: skip
+        self._start, self._uri, self._socket, self._timeout = start, uri, socket, timeout
+        self._model: LoadedModel | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            raise FailedPrecondition("the stream has not reached its ready event yet")
+        return self._model
+
+    async def __aiter__(self) -> AsyncIterator[Pair]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = None if self._timeout is None else loop.time() + self._timeout
+        self._call, self._asm = await self._start()
+        events = aiter(self._call)
+        try:
+            while self._asm.model is None:
+                # The deadline covers the daemon's events, not the caller's work between.
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events, None)
+                if event is None:
+                    raise LoadStream.ended()
+                pairs = self._asm.feed(event)
+                self._model = self._asm.model
+                for pair in pairs:
+                    yield pair
+        except TimeoutError:
+            self._call.cancel()
+            raise not_resident(self._uri, self._timeout) from None
+        except grpc.RpcError as err:
+            self._call.cancel()
+            raise from_rpc_error(err, self._socket) from None
+        except BaseException:
+            if self._asm.model is None:  # once it exists, its views hold the lease
+                self._call.cancel()
+            raise

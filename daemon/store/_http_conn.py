@@ -1,0 +1,208 @@
+"""One keep-alive HTTP/1.1 connection of the lean data path (``_http``), as an
+``asyncio.BufferedProtocol``: the kernel writes a range GET's body straight into a slice
+of its destination, so each byte is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import cast
+
+_HEAD_MAX = 64 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class RangeMismatch(ConnectionError):
+    """The store answered with a different range than asked for."""
+
+
+class Response:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str]) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = bytearray()
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._head = bytearray(_HEAD_MAX)
+        self._head_view = memoryview(self._head)
+        self._head_len = 0
+        self._dest: memoryview | None = None
+        self._pos = 0
+        self._want = 0
+        self._in_body = False
+        self._response: Response | None = None
+        self._waiter: asyncio.Future[Response] | None = None
+        self._expect_start = 0
+        self._last_io = 0.0
+        self._idle_timeout = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None and not self._waiter.done():
+            got = f"after {self._pos} of {self._want} body bytes" if self._in_body else ""
+            self._waiter.set_exception(ConnectionError(f"connection closed {got}".strip()))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._in_body and self._dest is not None and self._pos < self._want:
+            return self._dest[self._pos : self._want]
+        if self._head_len >= _HEAD_MAX:
+            self._head_len = 0  # unexpected bytes; the response handler already failed
+        return self._head_view[self._head_len :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._last_io = time.monotonic()
+        if self._in_body:
+            self._pos += nbytes
+            if self._pos >= self._want:
+                self._finish()
+            return
+        self._head_len += nbytes
+        if self._response is not None:  # collecting an error body
+            self._collect_error_body()
+            return
+        end = self._head.find(b"\r\n\r\n", 0, self._head_len)
+        if end < 0:
+            if self._head_len >= _HEAD_MAX:
+                self._fail(ConnectionError("response head larger than 64 KiB"))
+            return
+        self._on_head(end + 4)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    # -- request/response ---------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _finish(self) -> None:
+        response, self._response = self._response, None
+        self._in_body = False
+        self._dest = None
+        if self._waiter is not None and not self._waiter.done() and response is not None:
+            self._waiter.set_result(response)
+
+    def _on_head(self, head_end: int) -> None:
+        lines = bytes(self._head[: head_end - 4]).decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split(" ", 2)[1])
+        except (IndexError, ValueError):
+            self._fail(ConnectionError(f"malformed status line {lines[0]!r}"))
+            return
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        extra = self._head_len - head_end
+        response = Response(status, headers)
+        self._response = response
+        if status != 206:
+            self._head[:extra] = self._head[head_end : self._head_len]
+            self._head_len = extra
+            self._collect_error_body()
+            return
+        problem = self._check_range(headers)
+        if problem is not None:
+            self._fail(problem)
+            return
+        assert self._dest is not None
+        if extra > self._want:
+            self._fail(ConnectionError("server sent more bytes than the range it announced"))
+            return
+        self._dest[:extra] = self._head_view[head_end : self._head_len]
+        self._pos = extra
+        self._head_len = 0
+        self._in_body = True
+        if self._pos >= self._want:
+            self._finish()
+
+    def _check_range(self, headers: dict[str, str]) -> Exception | None:
+        want_end = self._expect_start + self._want - 1
+        value = headers.get("content-range", "")
+        m = _CONTENT_RANGE.fullmatch(value)
+        if m is None or int(m.group(1)) != self._expect_start or int(m.group(2)) != want_end:
+            return RangeMismatch(
+                f"the store answered the range GET for bytes {self._expect_start}-{want_end} "
+                f"with Content-Range {value!r}"
+            )
+        if headers.get("content-length") not in (None, str(self._want)):
+            return RangeMismatch(
+                f"the store answered the range GET for bytes {self._expect_start}-{want_end} "
+                f"with Content-Length {headers['content-length']} instead of {self._want}"
+            )
+        return None
+
+    def _collect_error_body(self) -> None:
+        response = self._response
+        assert response is not None
+        length = response.headers.get("content-length")
+        data = self._head[: self._head_len]
+        done = (
+            (length is not None and len(data) >= int(length))
+            or (length is None and data.endswith(b"0\r\n\r\n"))
+            or self._head_len >= _HEAD_MAX
+        )
+        if done:
+            # Bodies we did not read to their end leave the connection unusable.
+            if length is None or len(data) != int(length):
+                response.headers["connection"] = "close"
+            response.body = bytearray(data)
+            self._head_len = 0
+            self._finish()
+
+    def _check_idle(self) -> None:
+        """Fail the request once the store has sent nothing for ``idle_timeout`` seconds.
+
+        An inactivity timeout, not a deadline: a large range on a slow but live link goes
+        on, a stalled one fails fast (and the fetch scheduler retries it).
+        """
+        idle = time.monotonic() - self._last_io
+        if idle >= self._idle_timeout:
+            self._fail(TimeoutError(f"no data from the store for {idle:.1f} s"))
+        else:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._idle_timeout - idle, self._check_idle)
+
+    async def request(
+        self, head: bytes, dest: memoryview, start: int, idle_timeout: float
+    ) -> Response:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self._last_io = time.monotonic()
+        self._idle_timeout = idle_timeout
+        self._idle_timer = loop.call_later(idle_timeout, self._check_idle)
+        self._dest, self._pos, self._want = dest, 0, len(dest)
+        self._expect_start = start
+        self._in_body = False
+        self._response = None
+        self._head_len = 0
+        try:
+            try:
+                self.transport.write(head)
+            except RuntimeError as exc:  # uvloop: the transport closed under us
+                raise ConnectionResetError(str(exc)) from None
+            return await self._waiter
+        finally:
+            self._waiter = None
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None

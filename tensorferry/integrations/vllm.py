@@ -1,0 +1,130 @@
+"""vLLM's ``--load-format tensorferry``: weights from the tensorferry daemon, streamed.
+
+    vllm serve DIR --load-format tensorferry \\
+        --model-loader-extra-config '{"uri": "s3://models/llama/"}'
+
+DIR holds config.json and the tokenizer (``tensorferry files URI DIR`` writes them from
+the daemon). Installing tensorferry registers the loader with vLLM (entry point group
+``vllm.general_plugins``, see ``vllm_plugin``); this module imports vLLM and is imported
+only by vLLM's plugin loader, never by tensorferry itself.
+
+Every rank of every engine on the host asks the daemon for the same model: one fetch,
+one resident copy; each rank's own weight loaders take its slice. The tensors come as
+they land (``Client.stream``): vLLM copies each into its parameters while the daemon is
+still fetching the rest, so loading takes about as long as the fetch. After the copy the
+rank drops its views, which ends its lease; the model stays resident for the next engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, cast
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from tensorferry.client import Client
+from tensorferry.integrations.vllm_options import (
+    INDEX_FILE,
+    LoaderOptions,
+    Weights,
+    missing_error,
+    stage_selection,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TensorferryModelLoader(BaseModelLoader):
+    """``BaseModelLoader`` over the daemon; options: `LoaderOptions`."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        self.options = LoaderOptions.parse(load_config.model_loader_extra_config)
+
+    def get_external_weight_memory(self, vllm_config: VllmConfig) -> int:
+        # Copy mode: the engine's parameters hold their own copy, and the daemon's arena
+        # is not this engine's memory (it is freed or kept by the daemon's own budget).
+        return 0
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Nothing to download: the daemon fetches (``tensorferry preload`` warms it)."""
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        uri = self.options.source(model_config.model)
+        rank, stage_layers = _parallel_position(model)
+        name = self.options.client_name or f"vllm pid {os.getpid()} rank {rank}"
+        t0 = time.monotonic()
+        with Client() as client:
+            select = self.options.select or _stage_select(client, uri, stage_layers)
+            stream = client.stream(
+                uri, _device(self.options.device), timeout=self.options.timeout,
+                client_name=name, select=select,
+            )  # fmt: skip
+            weights = Weights(stream)
+            try:
+                # vLLM models define load_weights; nn.Module does not declare it.
+                loaded = cast(Any, model).load_weights(iter(weights))
+            except Exception as exc:
+                raise weights.mismatch(uri, exc) from exc
+            attached = stream.model.attached
+            stream.model.close()
+        del stream
+        if loaded is not None and model_config.quantization is None:
+            missing = _expected(model) - set(loaded)
+            if missing:
+                raise missing_error(uri, missing)
+        seconds = time.monotonic() - t0
+        log.info(
+            "tensorferry: %d tensors (%.3f GB) from %s into the model in %.2f s (%s)",
+            weights.count, weights.bytes / 1e9, uri, seconds,
+            "attached to the resident model" if attached else "streamed as they landed",
+        )  # fmt: skip
+
+
+def _device(option: str) -> str:
+    if option == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def _parallel_position(model: nn.Module) -> tuple[int, list[int] | None]:
+    """This worker's tensor-parallel rank, and its pipeline stage's layers (None: one stage)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+    rank = get_tensor_model_parallel_rank()
+    if get_pp_group().world_size <= 1:
+        return rank, None
+    layers = sorted(
+        {
+            int(part.split(".")[0])
+            for name, p in model.named_parameters()
+            if ".layers." in name and not p.is_meta
+            for part in [name.split(".layers.", 1)[1]]
+        }
+    )
+    return rank, layers
+
+
+def _stage_select(client: Client, uri: str, layers: list[int] | None) -> tuple[str, ...]:
+    """A pipeline stage fetches its own layers when the checkpoint has an index to say
+    which tensors those are; otherwise every stage takes the whole model."""
+    if layers is None:
+        return ()
+    from tensorferry.errors import SourceNotFound
+
+    try:
+        index = client.read_file(uri, INDEX_FILE)
+    except SourceNotFound:
+        return ()
+    return stage_selection(index, layers)
+
+
+def _expected(model: nn.Module) -> set[str]:
+    """Parameters the checkpoint must fill (vLLM's own check, for unquantized models)."""
+    return {name for name, _ in model.named_parameters()}
