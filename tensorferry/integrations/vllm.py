@@ -37,7 +37,8 @@ from tensorferry.integrations.vllm_options import (
     stage_selection,
 )
 
-log = logging.getLogger(__name__)
+# A child of vLLM's logger: these lines appear in vLLM's output, in its format.
+log = logging.getLogger("vllm.tensorferry")
 
 
 class TensorferryModelLoader(BaseModelLoader):
