@@ -48,6 +48,21 @@ class _Channel:
             self.channel.close()
 
 
+def _lease(call: Any, channel: _Channel) -> tuple[Callable[[], None], Callable[[], str | None]]:
+    """A lease's ``end_lease`` and ``lease_end`` (see `attach_model`): the open call keeps
+    the shared channel open until the lease ends."""
+    channel.acquire()
+
+    def end_lease() -> None:
+        call.cancel()
+        channel.release()
+
+    def lease_end() -> str | None:
+        return lease_end_of(call.code(), call.trailing_metadata()) if call.done() else None
+
+    return end_lease, lease_end
+
+
 class Client(ClientCore):
     """Talks to the tensorferry daemon over its Unix socket.
 
@@ -117,17 +132,7 @@ class Client(ClientCore):
         finally:
             if timer is not None:
                 timer.cancel()
-        channel = self._channel
-        channel.acquire()
-
-        def end_lease() -> None:
-            call.cancel()
-            channel.release()
-
-        def lease_end() -> str | None:
-            return lease_end_of(call.code(), call.trailing_metadata()) if call.done() else None
-
-        return attach_model(ready, target, table, end_lease, lease_end)
+        return attach_model(ready, target, table, *_lease(call, self._channel))
 
     def stream(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
@@ -153,20 +158,9 @@ class Client(ClientCore):
             timer.daemon = True
             timer.start()
 
-        def lease() -> tuple[Callable[[], None], Callable[[], str | None]]:
-            channel.acquire()
-
-            def end_lease() -> None:
-                call.cancel()
-                channel.release()
-
-            def lease_end() -> str | None:
-                return lease_end_of(call.code(), call.trailing_metadata()) if call.done() else None
-
-            return end_lease, lease_end
-
         return TensorStream(
-            call, Assembler(progress, target, lease), uri, self.socket, timeout,
+            call, Assembler(progress, target, lambda: _lease(call, channel)), uri, self.socket,
+            timeout,
             timed_out=lambda: timer is not None and not timer.is_alive(),
             cleanup=timer.cancel if timer is not None else lambda: None,
         )  # fmt: skip

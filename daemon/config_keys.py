@@ -109,7 +109,16 @@ KEYS: tuple[Key, ...] = (
     Key("s3", "addressing_style", "auto", text, addressing_style,
         "`path` for most S3-compatible stores, `virtual` or `auto` for AWS"),
     Key("s3", "concurrency", 32, integer, between(1, 1024),
-        "range GETs in flight per load, each on its own keep-alive connection"),
+        "range GETs in flight when a load starts, each on its own keep-alive connection"),
+    Key("s3", "max_concurrency", 256, integer, between(1, 4096),
+        "range GETs in flight a load may grow to while its throughput keeps rising (a "
+        "value at or below `concurrency` fixes it); also the connections per store host"),
+    Key("s3", "target_rate", 0, parse_size, None,
+        "bytes per second at which a load stops adding GETs in flight, e.g. `\"12GiB\"` for "
+        "a 100 Gb/s NIC", shown="none: grow while it pays"),
+    Key("s3", "hedge", True, boolean, None,
+        "ask again, on another connection, for a range far slower than the load's others "
+        "(at most 5% of a load's ranges)"),
     Key("s3", "chunk_size", 8 * MiB, parse_size, between(64 * _KIB, _GIB, sizes=True),
         "bytes per range GET"),
     Key("s3", "read_timeout", 30.0, number, None,

@@ -6,7 +6,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from tensorferry.daemon.fetch import Destination, FetchStats, RetryPolicy, fetch_ranges
+from tensorferry.daemon.fetch import Destination, FetchPolicy, FetchStats, fetch_ranges
 from tensorferry.daemon.planner import Plan, Range
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.sinks.cuda import CudaArena
@@ -55,7 +55,7 @@ async def load_plan(
     sink: CpuShmSink,
     *,
     concurrency: int,
-    policy: RetryPolicy | None = None,
+    policy: FetchPolicy | None = None,
     max_model_bytes: int = 0,
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],

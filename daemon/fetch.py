@@ -19,18 +19,20 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import crc32c
 
 from tensorferry.daemon.config_keys import default
+from tensorferry.daemon.pacing import INTERVAL, Hedger, Pace, read_hedged
 from tensorferry.daemon.planner import Range
-from tensorferry.daemon.store.base import Store
+from tensorferry.daemon.store.base import METER, BodyMeter, Store
 from tensorferry.daemon.tasks import task_group
 from tensorferry.errors import DataLoss, StoreUnavailable
 
@@ -44,7 +46,10 @@ _THREAD_CRC_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
+class FetchPolicy:
+    """How a load fetches: retries and deadlines, how far its GETs in flight may grow
+    (``pacing.Pace``) and whether stragglers are hedged (``pacing.Hedger``)."""
+
     #: Attempts per range, the first included.
     attempts: int = default("s3.attempts")
     #: Retries allowed per load, on top of one per 8 ranges (a few flaky ranges are
@@ -54,6 +59,11 @@ class RetryPolicy:
     max_delay: float = 2.0
     #: Wall-clock limit for one attempt at one range.
     range_deadline: float = default("s3.range_deadline")
+    #: Workers the load may grow to (0 or below the start: a fixed number).
+    max_concurrency: int = default("s3.max_concurrency")
+    #: Bytes per second at which growth stops (0: while it pays).
+    target_rate: int = default("s3.target_rate")
+    hedge: bool = default("s3.hedge")
 
     def delay(self, attempt: int) -> float:
         # "Full jitter": spreads retries of many ranges that failed together.
@@ -69,6 +79,8 @@ class FetchStats:
     started: float = 0.0
     first_byte: float = 0.0  # when the first range completed
     finished: float = 0.0
+    hedges: int = 0  # ranges requested a second time as stragglers
+    workers: int = 0  # GETs in flight the load settled on
 
 
 def _cause(exc: BaseException) -> str:
@@ -98,14 +110,17 @@ async def _verify(r: Range, dest: memoryview) -> tuple[int, int] | None:
 
 
 async def _fetch_one(
-    store: Store, r: Range, dest: memoryview, policy: RetryPolicy, budget: _Budget,
-    stats: FetchStats,
+    store: Store, r: Range, dest: memoryview, policy: FetchPolicy, budget: _Budget,
+    stats: FetchStats, hedger: Hedger | None,
 ) -> None:  # fmt: skip
     attempt = mismatches = 0
     while True:
         try:
             async with asyncio.timeout(policy.range_deadline):
-                await store.read_into(r.obj, r.start, dest)
+                if hedger is None:
+                    await store.read_into(r.obj, r.start, dest)
+                elif await read_hedged(store, r.obj, r.start, dest, hedger):
+                    stats.hedges += 1
         except (StoreUnavailable, TimeoutError) as exc:
             attempt += 1
             what = f"{store.describe(r.obj)} bytes {r.start}-{r.start + r.length - 1}"
@@ -160,17 +175,36 @@ class Destination(abc.ABC, Generic[J, S]):
         """The range is in place and verified."""
 
 
+@dataclasses.dataclass(slots=True)
+class _Shared:
+    """What a load's workers share: the jobs, the retry budget and the pace."""
+
+    jobs: Iterator[Any]
+    policy: FetchPolicy
+    budget: _Budget
+    stats: FetchStats
+    pace: Pace
+    hedger: Hedger | None
+    progress: Callable[[int], None]
+    meter: BodyMeter = dataclasses.field(default_factory=BodyMeter)
+    exhausted: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
 async def _worker(
-    store: Store, jobs: Iterator[J], dest: Destination[J, S], policy: RetryPolicy,
-    budget: _Budget, stats: FetchStats, progress: Callable[[int], None],
+    store: Store, index: int, shared: _Shared, dest: Destination[J, S]
 ) -> None:  # fmt: skip
     acquire = dest.acquire
     nothing = cast(S, None)  # what a destination that lends nothing is given back
-    for job in jobs:
+    stats, jobs = shared.stats, cast(Iterator[J], shared.jobs)
+    while index < shared.pace.workers:  # a step the pace took back ends its workers
+        job = next(jobs, None)
+        if job is None:
+            shared.exhausted.set()
+            return
         lent = nothing if acquire is None else await acquire()
         try:
             r, view = dest.place(job, lent)
-            await _fetch_one(store, r, view, policy, budget, stats)
+            await _fetch_one(store, r, view, shared.policy, shared.budget, stats, shared.hedger)
         except BaseException:
             dest.failed(lent)
             raise
@@ -179,7 +213,7 @@ async def _worker(
             stats.first_byte = time.monotonic()
         stats.bytes += r.length
         stats.ranges += 1
-        progress(r.length)
+        shared.progress(r.length)
 
 
 async def fetch_ranges(
@@ -188,16 +222,54 @@ async def fetch_ranges(
     dest: Destination[J, S],
     *,
     concurrency: int,
-    policy: RetryPolicy | None = None,
+    policy: FetchPolicy | None = None,
     progress: Callable[[int], None] = lambda n: None,
 ) -> FetchStats:
-    """Read every job's range into ``dest``; returns once all have landed."""
-    policy = policy or RetryPolicy()
+    """Read every job's range into ``dest``; returns once all have landed.
+
+    ``concurrency`` workers start; the pace may add more, up to the policy's
+    ``max_concurrency`` (and never more than there are jobs)."""
+    policy = policy or FetchPolicy()
     stats = FetchStats(started=time.monotonic())
-    budget = _Budget(policy.budget + len(jobs) // 8)
-    shared = iter(jobs)
-    async with task_group() as tg:
-        for _ in range(min(concurrency, len(jobs))):
-            tg.create_task(_worker(store, shared, dest, policy, budget, stats, progress))
+    ceiling = min(max(policy.max_concurrency, concurrency), len(jobs))
+    pace = Pace(min(concurrency, len(jobs)), ceiling, float(policy.target_rate))
+    shared = _Shared(
+        iter(jobs), policy, _Budget(policy.budget + len(jobs) // 8), stats, pace,
+        Hedger(len(jobs)) if policy.hedge else None, progress,
+    )  # fmt: skip
+    # The workers' tasks inherit the meter: their connections count into it.
+    token = METER.set(shared.meter)
+    try:
+        await _run(store, shared, dest)
+    finally:
+        METER.reset(token)
     stats.finished = time.monotonic()
+    stats.workers = pace.workers
     return stats
+
+
+async def _run(store: Store, shared: _Shared, dest: Destination[J, S]) -> None:
+    async with task_group() as tg:
+        started = 0
+
+        def grow(target: int) -> None:
+            nonlocal started
+            for index in range(started, target):
+                tg.create_task(_worker(store, index, shared, dest))
+            started = max(started, target)
+
+        grow(shared.pace.workers)
+        if shared.pace.ceiling > shared.pace.workers:
+            tg.create_task(_steer(shared, grow))
+
+
+async def _steer(shared: _Shared, grow: Callable[[int], None]) -> None:
+    """Sample the load's throughput and let the pace grow it, until it settles or the
+    jobs run out (then at once: a finished load must not wait for a sample)."""
+    while not shared.pace.settled:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(INTERVAL):
+                await shared.exhausted.wait()
+        if shared.exhausted.is_set():
+            return
+        grow(shared.pace.sample(max(shared.meter.bytes, shared.stats.bytes)))

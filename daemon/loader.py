@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tensorferry.daemon.arrivals import Arrivals
 from tensorferry.daemon.config import Settings
 from tensorferry.daemon.cpu_load import Loaded, OnLanded
-from tensorferry.daemon.fetch import RetryPolicy
+from tensorferry.daemon.fetch import FetchPolicy
 from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
 from tensorferry.daemon.model import Model, ModelKey
 from tensorferry.daemon.placement import place_plan
@@ -78,8 +78,13 @@ class Loader:
         #: Tensor names of recently read sources: selections are keyed by what they pick.
         self.names = TensorNames()
         s3 = settings.s3
-        self.policy = RetryPolicy(
-            attempts=s3.attempts, budget=s3.retry_budget, range_deadline=s3.range_deadline
+        self.policy = FetchPolicy(
+            attempts=s3.attempts,
+            budget=s3.retry_budget,
+            range_deadline=s3.range_deadline,
+            max_concurrency=s3.max_concurrency,
+            target_rate=s3.target_rate,
+            hedge=s3.hedge,
         )
 
     def open(self, ref: SourceRef) -> Store:
@@ -182,6 +187,7 @@ class Loader:
                 uri, "ready", plan_done - t0, (st.first_byte or end) - t0,
                 st.finished - st.started, end - t0, st.bytes,
                 retries=st.retries, retry_causes=tuple(sorted(st.causes.items())),
+                hedges=st.hedges, workers=st.workers,
             )
         )  # fmt: skip
         log.info(

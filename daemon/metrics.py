@@ -94,6 +94,8 @@ class Metrics:
             self.bytes.labels(source_label(record.uri)).inc(record.bytes)
         for cause, n in record.retry_causes:
             self.retries.labels(cause).inc(n)
+        if record.hedges:
+            self.hedges.inc(record.hedges)
 
     def serve(self, listen: str) -> int:
         """Start the listener (config checked it is loopback); returns the bound port."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tensorferry.daemon.cpu_load import Loaded, OnLanded, check_model_size, load_plan
 from tensorferry.daemon.devices import CPU
-from tensorferry.daemon.fetch import RetryPolicy
+from tensorferry.daemon.fetch import FetchPolicy
 from tensorferry.daemon.gpu.load import load_plan_cuda
 from tensorferry.daemon.planner import Plan
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
@@ -30,7 +30,7 @@ async def place_plan(
     cuda: CudaRuntime | None,
     *,
     concurrency: int,
-    policy: RetryPolicy | None = None,
+    policy: FetchPolicy | None = None,
     max_model_bytes: int = 0,
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],

@@ -51,6 +51,33 @@ def test_preload_wait_ls_load_evict_status(
     )
 
 
+def test_files_writes_what_vllm_reads_from_the_daemon(
+    s3: S3Server, daemon: Daemon, tmp_path: Path, prefix: str
+) -> None:
+    src = tmp_path / "m"
+    write_model(src, 1 << 20, shards=2, layer_bytes=1 << 18)
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "notes.txt").write_text("not for vLLM")
+    uri = upload(s3, src, prefix)
+    dest = tmp_path / "serve"
+    done = cli(daemon, "files", uri, str(dest))
+    assert done.returncode == 0, done.stderr
+    names = ["config.json", "tokenizer.json", "model.safetensors.index.json"]
+    assert done.stdout.strip() == f"{dest}: {', '.join(names)}"
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names)
+    for name in names:
+        assert (dest / name).read_bytes() == (src / name).read_bytes(), name
+    (src / "config.json").unlink()
+    bare = upload(s3, src, prefix.rstrip("/") + "-bare/")
+    refused = cli(daemon, "files", bare, str(tmp_path / "bare"))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"tensorferry files: {bare} has no config.json; vLLM needs the model's config beside "
+        "its weights"
+    )
+
+
 def test_release_ends_the_lease_while_views_live(
     s3: S3Server, daemon: Daemon, tmp_path: Path, prefix: str
 ) -> None:

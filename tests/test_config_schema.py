@@ -23,7 +23,7 @@ from tensorferry.daemon.config import (
     load_settings,
 )
 from tensorferry.daemon.config_keys import KEYS, Key, shown_default
-from tensorferry.daemon.fetch import RetryPolicy
+from tensorferry.daemon.fetch import FetchPolicy
 from tensorferry.daemon.gpu.settings import CudaSettings
 from tensorferry.errors import ConfigError, TensorferryError
 
@@ -80,8 +80,8 @@ def test_an_empty_file_gives_the_schemas_defaults(tmp_path: Path) -> None:
     assert settings.cache_budget == 100 << 30
 
 
-def test_retry_policy_defaults_are_the_s3_sections() -> None:
-    policy, s3 = RetryPolicy(), S3Settings()
+def test_fetch_policy_defaults_are_the_s3_sections() -> None:
+    policy, s3 = FetchPolicy(), S3Settings()
     assert (policy.attempts, policy.budget, policy.range_deadline) == (
         s3.attempts, s3.retry_budget, s3.range_deadline
     )  # fmt: skip

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from tensorferry.cuda import CudaError, DeviceInfo
-from tensorferry.daemon.fetch import Destination, FetchStats, RetryPolicy, fetch_ranges
+from tensorferry.daemon.fetch import Destination, FetchPolicy, FetchStats, fetch_ranges
 from tensorferry.daemon.gpu.layout import Job, gpu_layout
 from tensorferry.daemon.gpu.ring import Slot
 from tensorferry.daemon.gpu.runtime import CudaRuntime
@@ -60,7 +60,7 @@ async def load_plan_cuda(
     targets: Sequence[DeviceInfo],
     *,
     concurrency: int,
-    policy: RetryPolicy | None = None,
+    policy: FetchPolicy | None = None,
     on_plan: Callable[[Plan], None],
     progress: Callable[[int], None],
 ) -> GpuLoaded:
@@ -72,8 +72,11 @@ async def load_plan_cuda(
         for device in targets:
             arenas.append(await cuda.sink.place(device, gpu_plan.arena_size, uri))
         # More workers than slots would only queue on the ring.
+        slots = cuda.ring.slots
+        policy = policy or FetchPolicy()
+        policy = dataclasses.replace(policy, max_concurrency=min(policy.max_concurrency, slots))
         stats = await fetch_ranges(
-            store, jobs, _IntoRing(cuda, arenas), concurrency=min(concurrency, cuda.ring.slots),
+            store, jobs, _IntoRing(cuda, arenas), concurrency=min(concurrency, slots),
             policy=policy, progress=progress,
         )  # fmt: skip
         await cuda.engine.settle(arenas)

@@ -10,6 +10,8 @@ import re
 import time
 from typing import cast
 
+from tensorferry.daemon.store.base import METER, BodyMeter
+
 _HEAD_MAX = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -46,6 +48,7 @@ class Connection(asyncio.BufferedProtocol):
         self._last_io = 0.0
         self._idle_timeout = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._meter: BodyMeter | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -69,6 +72,8 @@ class Connection(asyncio.BufferedProtocol):
         self._last_io = time.monotonic()
         if self._in_body:
             self._pos += nbytes
+            if self._meter is not None:
+                self._meter.bytes += nbytes
             if self._pos >= self._want:
                 self._finish()
             return
@@ -191,6 +196,8 @@ class Connection(asyncio.BufferedProtocol):
         self._idle_timeout = idle_timeout
         self._idle_timer = loop.call_later(idle_timeout, self._check_idle)
         self._dest, self._pos, self._want = dest, 0, len(dest)
+        # Callbacks run outside the task's context: take the load's meter along now.
+        self._meter = METER.get()
         self._expect_start = start
         self._in_body = False
         self._response = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextvars
 import dataclasses
 
 
@@ -40,3 +41,16 @@ class Store(abc.ABC):
 
     def describe(self, obj: ObjectInfo) -> str:
         return f"{self.uri.rstrip('/')}/{obj.key}"
+
+
+@dataclasses.dataclass
+class BodyMeter:
+    """Body bytes received so far by one load's GETs, counted by the HTTP connections as
+    they arrive (``METER`` names the load's meter in its fetch workers' context)."""
+
+    bytes: int = 0
+
+
+METER: contextvars.ContextVar[BodyMeter | None] = contextvars.ContextVar(
+    "tensorferry_meter", default=None
+)

@@ -17,6 +17,7 @@ from typing import Any
 from tensorferry.daemon.config import S3Settings
 from tensorferry.daemon.store._http import HttpError, HttpPool, transport_error
 from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.store.throttle import Throttles
 from tensorferry.errors import (
     AccessDenied,
     SourceChanged,
@@ -58,7 +59,8 @@ class S3Backend:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         self.pool = HttpPool(
-            limit=settings.concurrency,
+            # Every load's GETs to one host share these: as many as a load may grow to.
+            limit=max(settings.concurrency, settings.max_concurrency),
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
         )
@@ -66,6 +68,8 @@ class S3Backend:
         self.client: Any = None
         #: Called with each successful range GET's duration (metrics).
         self.on_get: Callable[[float], None] = lambda seconds: None
+        #: Per-bucket SlowDown pauses, shared by every load.
+        self.throttles = Throttles()
 
     def connections(self) -> tuple[int, int]:
         """Keep-alive connections to object stores: (open, busy carrying a request)."""
@@ -188,6 +192,8 @@ class S3Store(Store):
 
     async def read_into(self, obj: ObjectInfo, start: int, dest: memoryview) -> None:
         what = self.describe(obj)
+        throttle = self.backend.throttles.of(self.bucket)
+        await throttle.wait()
         try:
             url = await self._url(obj.key)
             t0 = time.monotonic()
@@ -195,7 +201,10 @@ class S3Store(Store):
             self.backend.on_get(time.monotonic() - t0)
         except Exception as exc:
             self._urls.pop(obj.key, None)  # a 403 after a key rotation: sign anew next time
+            if isinstance(exc, HttpError) and exc.status == 503:
+                throttle.slow_down()
             raise self.backend.translate(what, self.bucket, exc) from exc
+        throttle.ok()
 
     async def _url(self, key: str) -> str:
         """A presigned GET of ``key``, shared by its ranges for REUSE_SECONDS.

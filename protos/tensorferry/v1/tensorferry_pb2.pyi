@@ -219,7 +219,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadRecord(_message.Message):
-    __slots__ = ("uri", "outcome", "plan_seconds", "first_byte_seconds", "fetch_seconds", "total_seconds", "bytes", "gbps", "error", "retries", "retry_causes")
+    __slots__ = ("uri", "outcome", "plan_seconds", "first_byte_seconds", "fetch_seconds", "total_seconds", "bytes", "gbps", "error", "retries", "retry_causes", "hedges", "workers")
     class RetryCausesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,8 @@ class LoadRecord(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     RETRY_CAUSES_FIELD_NUMBER: _ClassVar[int]
+    HEDGES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     uri: str
     outcome: str
     plan_seconds: float
@@ -249,7 +251,9 @@ class LoadRecord(_message.Message):
     error: str
     retries: int
     retry_causes: _containers.ScalarMap[str, int]
-    def __init__(self, uri: _Optional[str] = ..., outcome: _Optional[str] = ..., plan_seconds: _Optional[float] = ..., first_byte_seconds: _Optional[float] = ..., fetch_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., gbps: _Optional[float] = ..., error: _Optional[str] = ..., retries: _Optional[int] = ..., retry_causes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    hedges: int
+    workers: int
+    def __init__(self, uri: _Optional[str] = ..., outcome: _Optional[str] = ..., plan_seconds: _Optional[float] = ..., first_byte_seconds: _Optional[float] = ..., fetch_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., gbps: _Optional[float] = ..., error: _Optional[str] = ..., retries: _Optional[int] = ..., retry_causes: _Optional[_Mapping[str, int]] = ..., hedges: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("version", "instance_id", "pid", "uptime_seconds", "models", "recent_loads", "resident_bytes", "shm_budget_bytes", "store_connections_open", "arenas", "store_connections_busy", "recycled_bytes")

@@ -1,0 +1,172 @@
+"""How many range GETs a load keeps in flight, and when a straggler is asked for again.
+
+Object stores serve each connection at a fraction of a host's link (S3: ~90 MB/s, 20-60
+ms to first byte, a long tail), so the number of GETs in flight decides what a load
+reaches. ``Pace`` starts at ``s3.concurrency`` and, while throughput keeps rising with
+each step, doubles the workers up to ``s3.max_concurrency`` (or until ``s3.target_rate``);
+a step that brought less than ``GAIN`` more is taken back, and growth stops there: more
+would only queue. On loopback, where a core is the limit, the first step is taken back.
+
+``Hedger`` watches the load's own range times: once it has seen enough, a range still
+running past a high percentile of them (times ``SLOW``) is requested again on another
+connection, into a spare buffer; the first complete copy wins and the other is cancelled.
+At most ``HEDGE_SHARE`` of a load's ranges are hedged, and ``MAX_SPARES`` at once, so a
+store that is slow everywhere gets no extra load from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+from tensorferry.daemon.store.base import ObjectInfo, Store
+
+#: A growth step (doubling the GETs in flight) must raise throughput by this much to stay.
+GAIN = 0.15
+#: Seconds between throughput samples.
+INTERVAL = 0.25
+#: Ranges whose times are known before any is hedged.
+MIN_SAMPLES = 8
+#: A range is a straggler past this multiple of the load's 90th-percentile range time.
+SLOW = 3.0
+#: Never hedge sooner than this: the first byte of a healthy GET may take this long.
+MIN_HEDGE_SECONDS = 0.25
+#: At most this share of a load's ranges are hedged (and at least one may be).
+HEDGE_SHARE = 0.05
+#: Hedges running at once (each holds a spare buffer of one range).
+MAX_SPARES = 4
+
+
+@dataclasses.dataclass
+class Pace:
+    """The target number of workers; ``fetch_ranges`` starts workers up to it and a worker
+    whose index is past it stops after its current range.
+
+    Throughput is sampled from body bytes as they arrive (``BodyMeter``), not from whole
+    ranges landing: a range may take seconds on a slow connection, and a load must not
+    wait that long to learn whether a step paid."""
+
+    start: int
+    ceiling: int
+    #: Bytes per second at which growth stops (0: grow while it pays).
+    target_bps: float = 0.0
+    workers: int = 0
+    settled: bool = False
+    _window: tuple[int, float] | None = None  # bytes and time at its start
+    _warming: bool = True  # new connections: their first interval is not counted
+    _last_rate: float = 0.0
+    _before_step: int = 0
+
+    def __post_init__(self) -> None:
+        self.ceiling = max(self.ceiling, self.start)
+        self.workers = self.start
+
+    def sample(self, total_bytes: int, now: float | None = None) -> int:
+        """Called every INTERVAL with the load's bytes so far; returns the new target."""
+        now = time.monotonic() if now is None else now
+        if self.settled:
+            return self.workers
+        if self._window is None or self._warming:
+            self._window, self._warming = (total_bytes, now), False
+            return self.workers
+        bytes0, t0 = self._window
+        rate = (total_bytes - bytes0) / max(now - t0, 1e-9)
+        self._window = (total_bytes, now)
+        if self._before_step and rate < self._last_rate * (1 + GAIN):
+            # The last step did not pay: take it back and stay there.
+            self.workers, self.settled = self._before_step, True
+            return self.workers
+        if (self.target_bps and rate >= self.target_bps) or self.workers >= self.ceiling:
+            self.settled = True
+            return self.workers
+        self._last_rate = rate
+        self._before_step = self.workers
+        self.workers = min(self.ceiling, self.workers * 2)
+        self._warming = True
+        return self.workers
+
+
+class Hedger:
+    """A load's range times, and whether a running range is late enough to ask again."""
+
+    def __init__(self, ranges: int) -> None:
+        self._times: list[float] = []
+        self._p90 = 0.0
+        self.allowed = max(1, int(ranges * HEDGE_SHARE))
+        self.hedged = 0
+        self.spares = 0
+        self.won = 0
+
+    def observe(self, seconds: float) -> None:
+        self._times.append(seconds)
+        n = len(self._times)
+        if n >= MIN_SAMPLES and (n <= 64 or n % 16 == 0):
+            ordered = sorted(self._times)
+            self._p90 = ordered[min(n - 1, int(n * 0.9))]
+
+    def deadline(self) -> float | None:
+        """Seconds after which the range being started should be hedged (None: never)."""
+        if len(self._times) < MIN_SAMPLES or self.hedged >= self.allowed:
+            return None
+        return max(MIN_HEDGE_SECONDS, self._p90 * SLOW)
+
+    def may_start(self) -> bool:
+        return self.hedged < self.allowed and self.spares < MAX_SPARES
+
+
+async def read_hedged(
+    store: Store, obj: ObjectInfo, start: int, dest: memoryview, hedger: Hedger
+) -> bool:
+    """``store.read_into``, asked again on another connection if it straggles; True when a
+    hedge was sent. The hedge reads into a spare buffer, copied in only once the first
+    request is cancelled and done: two readers never write ``dest`` at once."""
+    t0 = time.monotonic()
+    deadline = hedger.deadline()
+    primary = asyncio.ensure_future(store.read_into(obj, start, dest))
+    tasks = [primary]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=deadline)
+        if done or not hedger.may_start():
+            await primary
+            hedger.observe(time.monotonic() - t0)
+            return False
+        hedger.hedged += 1
+        hedger.spares += 1
+        try:
+            spare = memoryview(bytearray(len(dest)))
+            hedge = asyncio.ensure_future(store.read_into(obj, start, spare))
+            tasks.append(hedge)
+            winner = await _first_success(primary, hedge)
+            if winner is hedge:
+                primary.cancel()
+                await asyncio.wait([primary])
+                dest[:] = spare
+                hedger.won += 1
+        finally:
+            hedger.spares -= 1
+        hedger.observe(time.monotonic() - t0)
+        return True
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Wait for both: a cancelled read must have stopped writing before we return.
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: the winner's or the reason both failed
+
+
+async def _first_success(a: asyncio.Future[None], b: asyncio.Future[None]) -> asyncio.Future[None]:
+    """The first of the two to complete without an error; if both fail, the first's error."""
+    pending = {a, b}
+    failed: list[BaseException] = []
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in (a, b):
+            if task in done:
+                exc = task.exception()
+                if exc is None:
+                    return task
+                failed.append(exc)
+    raise failed[0]

@@ -1,0 +1,176 @@
+"""GETs in flight that grow with the link, hedged stragglers, per-bucket SlowDown (#17)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tensorferry.daemon.pacing import MIN_HEDGE_SECONDS, SLOW, Hedger, Pace
+from tensorferry.daemon.store.throttle import MIN_PAUSE, BucketThrottle, Throttles
+from tensorferry.devtools.modelgen import write_model
+from tensorferry.devtools.proxy import CountingProxy, Fault, Kind, RequestInfo
+from tensorferry.devtools.seaweed import S3Server
+from tests.conftest import assert_clean, daemon_env, running_daemon, upload
+
+
+def test_the_pace_doubles_while_throughput_rises_and_takes_back_a_step_that_did_not_pay() -> None:
+    pace = Pace(start=4, ceiling=64)
+    t, total = 10.0, 0
+    assert pace.sample(total, t) == 4  # the first sample opens a window
+    for rate in (40, 80, 150):  # each doubling paid
+        before = pace.workers
+        t, total = t + 1, total + rate
+        assert pace.sample(total, t) == 2 * before
+        t, total = t + 1, total + rate  # the new connections' first interval: not counted
+        assert pace.sample(total, t) == 2 * before
+    assert pace.workers == 32
+    t, total = t + 1, total + 160  # +7% for twice the GETs: no
+    assert pace.sample(total, t) == 16
+    assert pace.settled
+    assert pace.sample(total + 500, t + 1) == 16  # settled for the rest of the load
+
+
+def test_the_pace_stops_at_the_target_rate_and_the_ceiling() -> None:
+    pace = Pace(start=2, ceiling=64, target_bps=100.0)
+    pace.sample(0, 10.0)
+    assert pace.sample(100, 11.0) == 2  # 100 B/s: the target
+    assert pace.settled
+    capped = Pace(start=2, ceiling=3)
+    capped.sample(0, 10.0)
+    assert capped.sample(10, 11.0) == 3
+    capped.sample(20, 12.0)
+    assert capped.sample(40, 13.0) == 3
+    assert capped.settled
+
+
+def test_a_hedge_needs_samples_and_a_share_of_the_ranges() -> None:
+    hedger = Hedger(ranges=40)  # 5%: two hedges
+    for _ in range(7):
+        hedger.observe(0.2)
+    assert hedger.deadline() is None  # not enough samples yet
+    hedger.observe(0.2)
+    assert hedger.deadline() == pytest.approx(max(MIN_HEDGE_SECONDS, 0.2 * SLOW))
+    hedger.hedged = 2
+    assert hedger.deadline() is None
+    assert not hedger.may_start()
+
+
+async def test_a_slowdown_pauses_every_load_of_that_bucket_only() -> None:
+    throttles = Throttles()
+    a, b = throttles.of("models"), throttles.of("other")
+    assert throttles.of("models") is a
+    a.slow_down()
+    t0 = time.monotonic()
+    await b.wait()
+    assert time.monotonic() - t0 < MIN_PAUSE / 4  # another bucket is not paused
+    await a.wait()
+    assert time.monotonic() - t0 >= MIN_PAUSE / 2
+    a.slow_down()
+    assert a.delay == 2 * MIN_PAUSE  # in a row: doubles
+    a.ok()
+    a.ok()
+    assert a.delay == 0.0
+    assert throttles.slowdowns == 2
+    assert BucketThrottle().delay == 0.0
+
+
+def hang_nth_data_get(n: int) -> tuple[object, list[str]]:
+    """A hook that leaves the n-th data GET's body hanging (headers sent, then silence)."""
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def fault(req: RequestInfo) -> Fault | None:
+        if req.kind is not Kind.DATA_GET:
+            return None
+        with lock:
+            seen.append(req.headers["range"])
+            if len(seen) == n:
+                return Fault(truncate_after=0, hang=True)
+        return None
+
+    return fault, seen
+
+
+def test_a_straggling_range_is_hedged_and_the_load_does_not_wait_for_it(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 24 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+    fault, seen = hang_nth_data_get(12)
+    # Without the hedge the hung GET would hold the load for read_timeout (60 s).
+    config = 'chunk_size = "1MiB"\nconcurrency = 2\nmax_concurrency = 2\nread_timeout = 60'
+    with (
+        CountingProxy(s3.endpoint, fault=fault) as proxy,
+        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
+        d.client() as client,
+    ):
+        t0 = time.monotonic()
+        with client.load(uri) as model:
+            assert not model.attached
+        assert time.monotonic() - t0 < 30
+        [record] = client.status().recent_loads
+        assert (record.outcome, record.hedges, record.retries) == ("ready", 1, 0)
+        hung = seen[11]
+        assert seen.count(hung) == 2  # the same range, asked again
+        assert record.workers == 2
+        del model
+        assert_clean(d)
+    assert proxy.stats().requests[Kind.DATA_GET] == len(seen)
+
+
+def test_gets_in_flight_grow_when_each_connection_is_slow(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 40 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+
+    def slow_link(req: RequestInfo) -> Fault | None:
+        # 64 KiB per 16 ms: 4 MB/s per connection, as a far object store gives a few.
+        return Fault(stall=0.02, trickle=0.016) if req.kind is Kind.DATA_GET else None
+
+    config = 'chunk_size = "1MiB"\nconcurrency = 2\nmax_concurrency = 24'
+    with (
+        CountingProxy(s3.endpoint, fault=slow_link) as proxy,
+        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
+        d.client() as client,
+    ):
+        with client.load(uri) as model:
+            assert len(model.tensors) > 0
+        [record] = client.status().recent_loads
+        # Two connections would give 8 MB/s; each step added throughput, so it grew.
+        assert record.workers >= 6, record
+        assert record.hedges == 0
+        del model
+        assert_clean(d)
+    assert proxy.stats().requests[Kind.DATA_GET] >= 40
+
+
+def test_a_slowdown_pauses_the_buckets_next_get(s3: S3Server, tmp_path: Path, prefix: str) -> None:
+    write_model(tmp_path / "m", 8 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+    answered: list[float] = []
+
+    def slowdown_once(req: RequestInfo) -> Fault | None:
+        if req.kind is not Kind.DATA_GET:
+            return None
+        answered.append(time.monotonic())
+        return Fault(status=503, s3_code="SlowDown") if len(answered) == 3 else None
+
+    config = 'chunk_size = "1MiB"\nconcurrency = 1\nmax_concurrency = 1'
+    with (
+        CountingProxy(s3.endpoint, fault=slowdown_once) as proxy,
+        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
+        d.client() as client,
+    ):
+        with client.load(uri) as model:
+            assert len(model.tensors) > 0
+        [record] = client.status().recent_loads
+        assert record.retries == 1
+        # One GET in flight: the next one waited out the bucket's pause.
+        assert answered[3] - answered[2] >= MIN_PAUSE / 2
+        del model
+        assert_clean(d)
+    assert proxy.stats().requests[Kind.DATA_GET] == len(answered)
