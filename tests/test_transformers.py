@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from tensorferry.client import InvalidArtifact
 from tensorferry.devtools.seaweed import S3Server
+from tests._transformers_helpers import assert_zero_copy, offline  # noqa: F401 (offline: autouse)
 from tests.conftest import Daemon, upload
 
 transformers = pytest.importorskip("transformers")
@@ -34,13 +34,6 @@ SENTENCES = [
     "The new movie is awesome.",
     "tensorferry streams weights into shared memory",
 ]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the variable once, at import.
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +59,6 @@ def embed(model: Any, batch: Any) -> torch.Tensor:
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-
-def arena(model: torch.nn.Module) -> tuple[int, int]:
-    """Start and size of the one arena mapping every parameter lies in."""
-    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    assert len(storages) == 1, "the parameters are not views of one arena"
-    storage = next(model.parameters()).untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
-
-
-def assert_zero_copy(model: torch.nn.Module) -> None:
-    start, size = arena(model)
-    assert size >= model._tensorferry.total_bytes  # type: ignore[operator]
-    for name, p in model.named_parameters(remove_duplicate=False):
-        assert start <= p.data_ptr(), name
-        assert p.data_ptr() + p.nbytes <= start + size, name
-        assert not p.requires_grad, name
 
 
 def test_minilm_through_the_daemon_is_zero_copy_with_the_same_embeddings(
@@ -220,89 +196,6 @@ def test_two_workers_share_one_resident_copy(
         assert proc.stdin is not None
         proc.stdin.close()
         assert proc.wait(30) == 0
-
-
-# Small generated BERTs for the mapping rules: tied weights, key prefixes, refusals.
-
-
-def tiny_config() -> Any:
-    return transformers.BertConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-
-
-def save_tiny(model_class: Any, directory: Path) -> Path:
-    torch.manual_seed(0)
-    model_class(tiny_config()).save_pretrained(directory)
-    return directory
-
-
-IDS = torch.tensor([[2, 17, 33, 5, 90, 3]])
-
-
-def test_tied_head_and_a_checkpoint_without_the_base_prefix(
-    daemon: Daemon, local_root: Path
-) -> None:
-    src = save_tiny(transformers.BertForMaskedLM, local_root / "mlm")
-    reference = transformers.AutoModelForMaskedLM.from_pretrained(src).eval()
-    want = reference(input_ids=IDS).logits
-    # The same weights saved as a base model saves them: no "bert." prefix.
-    from safetensors.torch import load_file, save_file
-
-    stripped = local_root / "stripped"
-    stripped.mkdir()
-    (stripped / "config.json").write_bytes((src / "config.json").read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    save_file({k.removeprefix("bert."): v for k, v in tensors.items()},
-              stripped / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
-    with daemon.client() as client:
-        for source in (src, stripped):
-            model = from_pretrained(str(source), transformers.AutoModelForMaskedLM, client=client)
-            embeddings = model.bert.embeddings.word_embeddings.weight
-            assert model.cls.predictions.decoder.weight is embeddings
-            assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
-            assert_zero_copy(model)
-            with torch.inference_mode():
-                assert torch.equal(model(input_ids=IDS).logits, want)
-            del model, embeddings
-    gc.collect()
-
-
-def test_a_head_checkpoint_into_the_base_model(daemon: Daemon, local_root: Path) -> None:
-    src = save_tiny(transformers.BertForSequenceClassification, local_root / "cls")
-    reference = transformers.AutoModel.from_pretrained(src).eval()
-    with daemon.client() as client:
-        model = from_pretrained(str(src), client=client)  # "bert." stripped, head ignored
-        assert type(model) is type(reference)
-        assert_zero_copy(model)
-        with torch.inference_mode():
-            got = model(input_ids=IDS).last_hidden_state
-            assert torch.equal(got, reference(input_ids=IDS).last_hidden_state)
-        del model
-    gc.collect()
-
-
-def test_refuses_missing_mismatched_and_wrong_dtype(daemon: Daemon, local_root: Path) -> None:
-    mlm = save_tiny(transformers.BertForMaskedLM, local_root / "mlm")
-    wide = save_tiny(transformers.BertModel, local_root / "wide")
-    config = json.loads((wide / "config.json").read_text())
-    config["intermediate_size"] = 48
-    (wide / "config.json").write_text(json.dumps(config))
-    with daemon.client() as client:
-        # BertModel has a pooler; the masked-LM checkpoint has none: no random init.
-        with pytest.raises(InvalidArtifact, match=r"lacks 2 tensor\(s\) of BertModel: "
-                           r"pooler\.dense\.weight, pooler\.dense\.bias"):  # fmt: skip
-            from_pretrained(str(mlm), client=client)
-        with pytest.raises(InvalidArtifact, match=r"does not fit BertModel: encoder\.layer\.0\."
-                           r"intermediate\.dense\.weight: checkpoint \(64, 32\) torch\.float32, "
-                           r"model \(48, 32\) torch\.float32"):  # fmt: skip
-            from_pretrained(str(wide), client=client)
-        with pytest.raises(InvalidArtifact, match=r"torch\.float32, model .* torch\.float16"):
-            from_pretrained(
-                str(mlm), transformers.AutoModelForMaskedLM, client=client, dtype=torch.float16
-            )
-    gc.collect()
 
 
 def test_the_integration_is_worker_side_only() -> None:
