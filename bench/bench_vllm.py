@@ -14,7 +14,7 @@ Also, for the cold load: the loader's time from the first tensor request to the 
 into vLLM's parameters against the daemon's fetch time (Status), whose ratio is the goal
 (at most 1.15x: the copy overlaps the fetch). JSON, and a PNG when matplotlib is there.
 
-Usage: .venv/bin/python bench/bench_vllm.py [--hidden 2048] [--layers 11] [--json F] [--png F]
+Usage: .venv/bin/python bench/bench_vllm.py [--hidden 2048] [--layers 12] [--json F] [--png F]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def engines(model: Path, tiny: Path, uri: str) -> list[dict[str, Any]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=11)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)

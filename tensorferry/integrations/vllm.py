@@ -82,9 +82,12 @@ class TensorferryModelLoader(BaseModelLoader):
                 raise missing_error(uri, missing)
         seconds = time.monotonic() - t0
         log.info(
-            "tensorferry: %d tensors (%.3f GB) from %s into the model in %.2f s (%s)",
+            "tensorferry: %d tensors (%.3f GB) from %s into the model in %.2f s (%s; first "
+            "tensor at %.2f s, %.2f s waiting for tensors, %.2f s copying)",
             weights.count, weights.bytes / 1e9, uri, seconds,
             "attached to the resident model" if attached else "streamed as they landed",
+            (weights.first or t0) - t0, weights.waited,
+            (weights.last or t0) - (weights.first or t0) - weights.waited,
         )  # fmt: skip
 
 

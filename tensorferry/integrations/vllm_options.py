@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,15 +99,30 @@ class Weights:
         self.count = 0
         self.bytes = 0
         self.names: set[str] = set()
+        #: Monotonic times: created, first tensor handed over, last one taken back.
+        self.started = time.monotonic()
+        self.first = self.last = 0.0
+        #: Seconds spent waiting for the next tensor (the rest is vLLM's copying).
+        self.waited = 0.0
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self._pairs:
+        pairs = iter(self._pairs)
+        while True:
+            t0 = time.monotonic()
+            pair = next(pairs, None)
+            now = time.monotonic()
+            self.waited += now - t0
+            if pair is None:
+                break
+            name, tensor = pair
+            self.first = self.first or now
             self.current = (name, tensor)
             self.count += 1
             self.bytes += tensor.numel() * tensor.element_size()
             self.names.add(name)
             yield name, tensor
         self.current = None
+        self.last = time.monotonic()
 
     def mismatch(self, uri: str, exc: BaseException) -> TensorferryError:
         """vLLM refused the tensor being handed over (shape, dtype): say which."""
