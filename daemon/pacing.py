@@ -22,16 +22,18 @@ import time
 
 from tensorferry.daemon.store.base import ObjectInfo, Store
 
-#: A growth step (doubling the GETs in flight) must raise throughput by this much to stay.
-GAIN = 0.15
+#: A growth step (doubling the GETs in flight) must raise throughput by this much to stay:
+#: on a link that limits each connection it brings +100%; where a core is the limit, a few
+#: percent, and ramp-up noise must not pass for a gain.
+GAIN = 0.3
 #: Seconds between throughput samples.
 INTERVAL = 0.25
 #: Ranges whose times are known before any is hedged.
 MIN_SAMPLES = 8
 #: A range is a straggler past this multiple of the load's 90th-percentile range time.
-SLOW = 3.0
+SLOW = 4.0
 #: Never hedge sooner than this: the first byte of a healthy GET may take this long.
-MIN_HEDGE_SECONDS = 0.25
+MIN_HEDGE_SECONDS = 0.5
 #: At most this share of a load's ranges are hedged (and at least one may be).
 HEDGE_SHARE = 0.05
 #: Hedges running at once (each holds a spare buffer of one range).
@@ -54,7 +56,9 @@ class Pace:
     workers: int = 0
     settled: bool = False
     _window: tuple[int, float] | None = None  # bytes and time at its start
-    _warming: bool = True  # new connections: their first interval is not counted
+    #: Samples that only restart the window: a load's start (connections, slow start,
+    #: fresh arena pages) and each step's new connections are not counted.
+    _skip: int = 2
     _last_rate: float = 0.0
     _before_step: int = 0
 
@@ -67,8 +71,8 @@ class Pace:
         now = time.monotonic() if now is None else now
         if self.settled:
             return self.workers
-        if self._window is None or self._warming:
-            self._window, self._warming = (total_bytes, now), False
+        if self._window is None or self._skip > 0:
+            self._window, self._skip = (total_bytes, now), max(self._skip - 1, 0)
             return self.workers
         bytes0, t0 = self._window
         rate = (total_bytes - bytes0) / max(now - t0, 1e-9)
@@ -83,7 +87,7 @@ class Pace:
         self._last_rate = rate
         self._before_step = self.workers
         self.workers = min(self.ceiling, self.workers * 2)
-        self._warming = True
+        self._skip = 1
         return self.workers
 
 

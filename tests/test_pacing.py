@@ -19,7 +19,9 @@ from tests.conftest import assert_clean, daemon_env, running_daemon, upload
 def test_the_pace_doubles_while_throughput_rises_and_takes_back_a_step_that_did_not_pay() -> None:
     pace = Pace(start=4, ceiling=64)
     t, total = 10.0, 0
-    assert pace.sample(total, t) == 4  # the first sample opens a window
+    assert pace.sample(total, t) == 4  # the first sample opens a window...
+    t, total = t + 1, total + 5
+    assert pace.sample(total, t) == 4  # ...the load's start is not counted
     for rate in (40, 80, 150):  # each doubling paid
         before = pace.workers
         t, total = t + 1, total + rate
@@ -27,7 +29,7 @@ def test_the_pace_doubles_while_throughput_rises_and_takes_back_a_step_that_did_
         t, total = t + 1, total + rate  # the new connections' first interval: not counted
         assert pace.sample(total, t) == 2 * before
     assert pace.workers == 32
-    t, total = t + 1, total + 160  # +7% for twice the GETs: no
+    t, total = t + 1, total + 180  # +20% for twice the GETs: no
     assert pace.sample(total, t) == 16
     assert pace.settled
     assert pace.sample(total + 500, t + 1) == 16  # settled for the rest of the load
@@ -36,13 +38,15 @@ def test_the_pace_doubles_while_throughput_rises_and_takes_back_a_step_that_did_
 def test_the_pace_stops_at_the_target_rate_and_the_ceiling() -> None:
     pace = Pace(start=2, ceiling=64, target_bps=100.0)
     pace.sample(0, 10.0)
-    assert pace.sample(100, 11.0) == 2  # 100 B/s: the target
+    pace.sample(0, 11.0)
+    assert pace.sample(100, 12.0) == 2  # 100 B/s: the target
     assert pace.settled
     capped = Pace(start=2, ceiling=3)
     capped.sample(0, 10.0)
+    capped.sample(0, 10.5)
     assert capped.sample(10, 11.0) == 3
-    capped.sample(20, 12.0)
-    assert capped.sample(40, 13.0) == 3
+    capped.sample(20, 12.0)  # the new connection's first interval
+    assert capped.sample(60, 13.0) == 3  # it paid, and 3 is the ceiling
     assert capped.settled
 
 
