@@ -27,7 +27,7 @@ from tensorferry.daemon.store.base import ObjectInfo, Store
 #: percent, and ramp-up noise must not pass for a gain.
 GAIN = 0.3
 #: Seconds between throughput samples.
-INTERVAL = 0.25
+INTERVAL = 0.5
 #: Ranges whose times are known before any is hedged.
 MIN_SAMPLES = 8
 #: A range is a straggler past this multiple of the load's 90th-percentile range time.
