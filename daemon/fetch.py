@@ -10,8 +10,8 @@ A range that carries chunk checksums (a prepared artifact) is verified in place 
 has landed; a mismatch is read again, and one that persists is corrupt at rest.
 
 Both load paths share this one worker; a ``Destination`` says where each range lands: its
-own slice of a shared-memory arena (the CPU path, ``pipeline``), or a pinned ring slot
-lent per range and handed to the copy engine once filled (the GPU path, ``cuda_load``).
+own slice of a shared-memory arena (the CPU path, ``cpu_load``), or a pinned ring slot
+lent per range and handed to the copy engine once filled (the GPU path, ``gpu.load``).
 """
 
 from __future__ import annotations
