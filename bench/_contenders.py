@@ -121,7 +121,8 @@ class Contenders:
     instance: str = ""
     signed: set[Path] = dataclasses.field(default_factory=set)
 
-    def ceiling(self, keys: list[str], nbytes: int) -> Sample:
+    def ceiling(self, keys: list[str], nbytes: int, parallel: int = 32) -> Sample:
+        """One curl process fetching every 8 MiB range with ``parallel`` in flight."""
         cfg = self.work / f"curl-{nbytes}.cfg"
         if cfg not in self.signed:  # each SeaweedFS start has a new port and keys
             curl_config(self.s3, keys, cfg)
@@ -130,8 +131,8 @@ class Contenders:
         with LinkRate() as link:
             t0 = time.monotonic()
             out = subprocess.run(
-                ["curl", "-sS", "--parallel", "--parallel-immediate", "--parallel-max", "32",
-                 "-K", str(cfg)],
+                ["curl", "-sS", "--parallel", "--parallel-immediate", "--parallel-max",
+                 str(parallel), "-K", str(cfg)],
                 capture_output=True, text=True, timeout=900,
             )  # fmt: skip
             seconds = time.monotonic() - t0
@@ -141,7 +142,7 @@ class Contenders:
         if out.returncode or got != nbytes or any(c != "206" for c, _ in answers):
             raise RuntimeError(f"curl: rc {out.returncode}, {got} bytes: {out.stderr[-2000:]}")
         rate = link.series(t0, seconds, got)
-        return Sample(seconds, got, cpu, srv, {"ranges": len(answers)}, rate)
+        return Sample(seconds, got, cpu, srv, {"parallel": parallel, "ranges": len(answers)}, rate)
 
     def tensorferry(self, keys: list[str], nbytes: int) -> Sample:
         uri = f"s3://{BUCKET}/{keys[0].split('/')[0]}/"

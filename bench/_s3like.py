@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 import statistics
-import subprocess
-import time
-from pathlib import Path
 from typing import Any
 
-from _measure import Sample, children_cpu, tree_cpu
+from _measure import Sample
 
 from tensorferry.devtools.proxy import CountingProxy, Kind
-
-
-def curl_ceiling(cfg: Path, nbytes: int, parallel: int, server_pid: int) -> Sample:
-    """One curl process fetching every 8 MiB range in ``cfg`` with ``parallel`` in flight."""
-    cpu0, srv0 = children_cpu(), tree_cpu(server_pid)
-    t0 = time.monotonic()
-    out = subprocess.run(
-        ["curl", "-sS", "--parallel", "--parallel-immediate", "--parallel-max", str(parallel),
-         "-K", str(cfg)],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    seconds = time.monotonic() - t0
-    cpu, srv = children_cpu() - cpu0, tree_cpu(server_pid) - srv0
-    answers = [line.split() for line in out.stdout.splitlines()]
-    got = sum(int(size) for _, size in answers)
-    if out.returncode or got != nbytes or any(c != "206" for c, _ in answers):
-        raise RuntimeError(f"curl: rc {out.returncode}, {got} bytes: {out.stderr[-2000:]}")
-    return Sample(seconds, got, cpu, srv, {"parallel": parallel, "ranges": len(answers)})
 
 
 def data_gets(proxy: CountingProxy) -> int:

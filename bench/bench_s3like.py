@@ -38,7 +38,6 @@ from typing import Any
 import _s3like
 from _contenders import (
     Contenders,
-    curl_config,
     runai_available,
     shm_files,
     tensorferry_daemon,
@@ -108,13 +107,11 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             via = dataclasses.replace(s3, endpoint=proxy.endpoint)
             env = {**os.environ, **via.env(), "TENSORFERRY_SOCKET": str(work / "tf.sock")}
             c = Contenders(via, env, work)
-            cfg = work / "curl-s3like.cfg"
-            curl_config(via, keys, cfg)
             print(f"==> ceiling: curl through the link ({compact(shape)})", flush=True)
             by_parallel: dict[str, list[Sample]] = {}
             for p in ints(args.parallel):
                 for _ in range(args.runs):
-                    s = _s3like.curl_ceiling(cfg, nbytes, p, s3.pid)
+                    s = c.ceiling(keys, nbytes, parallel=p)
                     by_parallel.setdefault(str(p), []).append(s)
                     show(f"curl --parallel-max {p}", s)
             ceiling = {p: summarize(v) for p, v in by_parallel.items()}

@@ -127,6 +127,10 @@ async def read_hedged(
     request is cancelled and done: two readers never write ``dest`` at once."""
     t0 = time.monotonic()
     deadline = hedger.deadline()
+    if deadline is None:  # too few ranges seen yet, or the load's hedges are spent
+        await store.read_into(obj, start, dest)
+        hedger.observe(time.monotonic() - t0)
+        return False
     primary = asyncio.ensure_future(store.read_into(obj, start, dest))
     tasks = [primary]
     try:
