@@ -17,7 +17,7 @@ from typing import Any
 from tensorferry import env
 from tensorferry.daemon.config_keys import MiB as MiB
 from tensorferry.daemon.config_keys import check, default, read, unknown_key
-from tensorferry.daemon.config_values import host_port
+from tensorferry.daemon.config_values import Headers, host_port
 from tensorferry.daemon.config_values import normalize_allow_entry as normalize_allow_entry
 from tensorferry.daemon.config_values import parse_size as parse_size
 from tensorferry.daemon.gpu.settings import CudaSettings, cuda_settings
@@ -48,6 +48,10 @@ class S3Settings:
     attempts: int = default("s3.attempts")
     retry_budget: int = default("s3.retry_budget")
     range_deadline: float = default("s3.range_deadline")
+    proxy: str | None = default("s3.proxy")
+    proxy_fallback: bool = default("s3.proxy_fallback")
+    headers: Headers = dataclasses.field(default=default("s3.headers"))
+    ca_bundle: Path | None = dataclasses.field(default=default("s3.ca_bundle"))
 
     def __post_init__(self) -> None:
         check(self, "s3")
@@ -172,6 +176,8 @@ def _s3_settings(data: dict[str, Any]) -> S3Settings:
     # The file wins over $AWS_ENDPOINT_URL: it names the store this daemon was set up for.
     if values.get("endpoint_url") is None:
         values["endpoint_url"] = env.aws_endpoint_url()
+    if values.get("ca_bundle") is None and env.aws_ca_bundle():
+        values["ca_bundle"] = Path(str(env.aws_ca_bundle()))
     return S3Settings(**values)
 
 

@@ -29,6 +29,8 @@ from tensorferry.daemon.config_values import (
     boolean,
     fake_devices,
     group_exists,
+    header_tables,
+    headers_rule,
     host_port,
     integer,
     is_file,
@@ -44,6 +46,7 @@ from tensorferry.daemon.config_values import (
     strings,
     text,
 )
+from tensorferry.daemon.store.proxy import proxy_rule
 from tensorferry.errors import ConfigError
 
 MiB = 1 << 20
@@ -119,6 +122,20 @@ KEYS: tuple[Key, ...] = (
     Key("s3", "hedge", True, boolean, None,
         "ask again, on another connection, for a range far slower than the load's others "
         "(at most 5% of a load's ranges)"),
+    Key("s3", "proxy", None, optional_text, proxy_rule,
+        "forward proxy for range GETs and store calls, `http://[user:pass@]host:port` "
+        "(https stores through CONNECT); `\"off\"`: none even where the environment names one",
+        shown="`$HTTPS_PROXY` / `$HTTP_PROXY`, less `$NO_PROXY`"),
+    Key("s3", "proxy_fallback", True, boolean, None,
+        "ask the store directly for a range the proxy failed with an answer of its own "
+        "(Dragonfly's error header, one without an S3 error body, no connection); counted "
+        "in `tensorferry_proxy_fallbacks_total`"),
+    Key("s3", "headers", (), header_tables, headers_rule,
+        "extra headers on the range GETs of a source: `[s3.headers.\"s3://bucket/prefix/\"]` "
+        "tables of `Name = \"value\"` (e.g. `X-Dragonfly-Tag`); the longest matching prefix wins",
+        shown="none"),
+    Key("s3", "ca_bundle", None, optional_path, is_file,
+        "PEM CA bundle for https stores", shown="`$AWS_CA_BUNDLE`, else the system's"),
     Key("s3", "chunk_size", 8 * MiB, parse_size, between(64 * _KIB, _GIB, sizes=True),
         "bytes per range GET"),
     Key("s3", "read_timeout", 30.0, number, None,

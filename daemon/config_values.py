@@ -105,6 +105,42 @@ def strings(value: object, key: str) -> tuple[str, ...]:
     raise ConfigError(f"{key}: expected an array of strings, got {value!r}")
 
 
+#: Headers the data path sets itself, or that a presigned URL did not sign (S3 refuses
+#: unsigned x-amz-* headers): a per-source table may not name them.
+_OWN_HEADERS = {"host", "range", "if-match", "authorization", "proxy-authorization",
+                "connection", "content-length", "transfer-encoding", "te", "upgrade"}  # fmt: skip
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+Headers = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+
+
+def header_tables(value: object, key: str) -> Headers:
+    """``[s3.headers."s3://bucket/prefix/"]`` tables of header = "value", as (prefix,
+    ((name, value), ...)) pairs."""
+    if not isinstance(value, dict):
+        raise ConfigError(f'{key}: expected tables such as [{key}."s3://bucket/prefix/"]')
+    tables = []
+    for prefix, headers in value.items():
+        if not isinstance(headers, dict):
+            raise ConfigError(f'{key}.{prefix!r}: expected a table of header = "value"')
+        pairs = tuple((str(n), text(v, f"{key}.{prefix!r}.{n}")) for n, v in headers.items())
+        tables.append((str(prefix), pairs))
+    return tuple(tables)
+
+
+def headers_rule(tables: Headers) -> str | None:
+    for prefix, pairs in tables:
+        if not prefix.startswith("s3://") or not prefix[5:].split("/", 1)[0]:
+            return f"{prefix!r} is not an s3://bucket/prefix/ source"
+        for name, value in pairs:
+            lower = name.lower()
+            if not _TOKEN.fullmatch(name) or lower in _OWN_HEADERS or lower.startswith("x-amz-"):
+                return f"{prefix!r}: the header {name!r} cannot be set here"
+            if "\r" in value or "\n" in value:
+                return f"{prefix!r}: the value of {name!r} has a line break"
+    return None
+
+
 def fake_devices(value: object, key: str) -> tuple[FakeDevice, ...]:
     if not isinstance(value, list | tuple):
         raise ConfigError(f"{key}: expected an array of tables ([[{key}]])")

@@ -73,6 +73,11 @@ class Metrics:
         self.loads = Counter("tensorferry_loads", "Loads by outcome", ["outcome"], registry=r)
         self.retries = Counter("tensorferry_retries", "Retries by cause", ["cause"], registry=r)
         self.hedges = Counter("tensorferry_hedges", "Hedged range GETs", registry=r)
+        self.proxy_fallbacks = Counter(
+            "tensorferry_proxy_fallbacks",
+            "Range GETs asked of the store directly after the proxy failed them",
+            registry=r,
+        )
         self.ready = Histogram(
             "tensorferry_time_to_ready_seconds", "From request to ready", ["kind"],
             buckets=_SECONDS, registry=r,

@@ -77,6 +77,10 @@ class Pace:
         bytes0, t0 = self._window
         rate = (total_bytes - bytes0) / max(now - t0, 1e-9)
         self._window = (total_bytes, now)
+        if rate <= 0:
+            # Nothing arrived (a SlowDown pause, a stall): no evidence either way, and
+            # 0 >= 0 * (1 + GAIN) would read as a step that paid and double into the storm.
+            return self.workers
         if self._before_step and rate < self._last_rate * (1 + GAIN):
             # The last step did not pay: take it back and stay there.
             self.workers, self.settled = self._before_step, True

@@ -119,6 +119,7 @@ async def run_daemon(
             recent.subscribe(metrics.observe)
             if backend is not None:
                 backend.on_get = metrics.get_seconds.observe
+                backend.pool.on_fallback = metrics.proxy_fallbacks.inc
             metrics.serve(settings.metrics_listen)
             stack.callback(metrics.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go

@@ -69,6 +69,8 @@ class Stats:
     requests: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
     body_bytes: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
     open_connections: int = 0
+    #: Downstream connections accepted since the start (or the last reset).
+    connections: int = 0
     faults_fired: int = 0
     log: list[RequestInfo] = field(default_factory=list)
 
@@ -102,11 +104,12 @@ class Ledger:
         with self._lock:
             s = self._stats
             return Stats(
-                dict(s.requests),
-                dict(s.body_bytes),
-                s.open_connections,
-                s.faults_fired,
-                list(s.log),
+                requests=dict(s.requests),
+                body_bytes=dict(s.body_bytes),
+                open_connections=s.open_connections,
+                connections=s.connections,
+                faults_fired=s.faults_fired,
+                log=list(s.log),
             )
 
     def reset(self) -> None:
@@ -141,3 +144,4 @@ class Ledger:
     def count_connection(self, delta: int) -> None:
         with self._lock:
             self._stats.open_connections += delta
+            self._stats.connections += max(delta, 0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import threading
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -31,11 +32,15 @@ class CountingProxy:
     """Counts and logs every request by Kind; ``reset()`` also restarts request numbers at 1.
     Hooks run on the proxy's loop thread; one that raises fails ``__exit__``."""
 
-    def __init__(self, upstream: str, *, fault: FaultHook | None = None) -> None:
+    def __init__(
+        self, upstream: str, *, fault: FaultHook | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be an http://host:port URL, got {upstream!r}")
         self._upstream = (parts.hostname, parts.port or 80)
+        #: Serve https (to the client; upstream stays http): an https store for the tests.
+        self._tls = tls
         self._ledger = Ledger(fault)
         self._errors: list[BaseException] = []
         self._conns: dict[Connection, asyncio.Task[None]] = {}
@@ -74,7 +79,7 @@ class CountingProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     def stats(self) -> Stats:
         return self._ledger.snapshot()
@@ -101,7 +106,9 @@ class CountingProxy:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=BUFFER)
+        server = await asyncio.start_server(
+            self._accept, "127.0.0.1", 0, limit=BUFFER, ssl=self._tls
+        )
         try:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()

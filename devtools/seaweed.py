@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -128,8 +128,13 @@ def _wait_ready(proc: subprocess.Popen[bytes], server: S3Server, port: int, dead
 
 @contextlib.contextmanager
 def run_seaweed(
-    workdir: Path, *, log_path: Path | None = None, start_timeout: float = 60.0
+    workdir: Path,
+    *,
+    log_path: Path | None = None,
+    start_timeout: float = 60.0,
+    extra_flags: Sequence[str] = (),
 ) -> Iterator[S3Server]:
+    """``weed mini`` under ``workdir`` until the block ends; ``extra_flags`` go after ours."""
     workdir = Path(workdir).resolve()
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +164,7 @@ def run_seaweed(
             f"-s3.config={identities}",
             *_FIXED_FLAGS,
             *(f"-{flag}={port}" for flag, port in zip(_PORT_FLAGS, ports, strict=True)),
+            *extra_flags,
         ]
         t0 = time.monotonic()
         with open(log_path, "ab") as log:

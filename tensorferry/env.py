@@ -20,6 +20,12 @@ CONFIG = "TENSORFERRY_CONFIG"
 LOG_LEVEL = "TENSORFERRY_LOG_LEVEL"
 #: Optional S3 endpoint override (standard AWS variable).
 AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+#: Forward proxies for the daemon's store requests (standard variables; lowercase wins, as
+#: in curl): HTTP_PROXY for http stores, HTTPS_PROXY for https ones, NO_PROXY exempts hosts.
+#: ``[s3] proxy`` in the config file takes the place of the first two.
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy")
+#: CA bundle for https stores (standard AWS variable); ``[s3] ca_bundle`` wins.
+AWS_CA_BUNDLE = "AWS_CA_BUNDLE"
 #: Worker side, tests only: comma-separated GPU UUIDs. When set, the client imports CUDA
 #: arenas through the fake CUDA API (tensorferry.cuda.fake) as if this process saw these
 #: GPUs as cuda:0, cuda:1, ...; it pairs with a daemon configured with [cuda] api = "fake".
@@ -77,3 +83,18 @@ def aws_endpoint_url() -> str | None:
 def fake_cuda_devices() -> list[str] | None:
     value = _get(FAKE_CUDA)
     return [u.strip() for u in value.split(",") if u.strip()] if value else None
+
+
+def proxy_variables() -> dict[str, str]:
+    """``{"http_proxy": ..., "https_proxy": ..., "no_proxy": ...}``, each from the lowercase
+    variable or else the uppercase one; unset ones are left out."""
+    found = {}
+    for name in PROXY_VARIABLES:
+        value = _get(name) or _get(name.upper())
+        if value:
+            found[name] = value
+    return found
+
+
+def aws_ca_bundle() -> str | None:
+    return _get(AWS_CA_BUNDLE)

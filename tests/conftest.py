@@ -33,7 +33,9 @@ SHM = Path("/dev/shm")
 @pytest.fixture(autouse=True)
 def isolate_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
-        if name.startswith("AWS_") or name.startswith("TENSORFERRY_"):
+        # A proxy set for this host's package downloads must not reach the daemons here.
+        proxy = name.lower() in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+        if name.startswith("AWS_") or name.startswith("TENSORFERRY_") or proxy:
             monkeypatch.delenv(name)
     empty = tmp_path / "aws-empty"
     empty.write_text("")

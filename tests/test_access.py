@@ -2,70 +2,26 @@
 
 from __future__ import annotations
 
-import datetime
 import grp
-import ipaddress
 import os
 import socket
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tensorferry.client import Client, DaemonNotRunning, TlsConfig
 from tensorferry.devtools.modelgen import write_model
+from tensorferry.devtools.pki import make_pki
 from tensorferry.devtools.seaweed import S3Server
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
 from tests.conftest import BUCKET, SHM, daemon_env, running_daemon, serve_refused, upload
 
-Issuer = tuple[x509.Name, ec.EllipticCurvePrivateKey]
-
-
-def _cert(
-    name: str, key: ec.EllipticCurvePrivateKey, issuer: Issuer | None, ca: bool = False
-) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, signer = issuer or (subject, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )  # fmt: skip
-    if not ca:
-        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(signer, hashes.SHA256())
-
-
-def _pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )  # fmt: skip
-
 
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, bytes]:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("tensorferry test CA", ca_key, None, ca=True)
-    out: dict[str, bytes] = {"ca": _pem(ca)}
-    for who in ("server", "worker"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        out[who] = _pem(_cert(who, key, (ca.subject, ca_key)))
-        out[f"{who}_key"] = _pem(key)
-    for name, data in out.items():
-        (tmp_path / f"{name}.pem").write_bytes(data)
-    return out
+    return make_pki(tmp_path, ("server", "worker"))
 
 
 def free_port() -> int:

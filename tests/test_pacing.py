@@ -50,6 +50,20 @@ def test_the_pace_stops_at_the_target_rate_and_the_ceiling() -> None:
     assert capped.settled
 
 
+def test_the_pace_does_not_grow_on_windows_in_which_nothing_arrived() -> None:
+    # A bucket paused by SlowDown delivers nothing: that is no reason for more GETs.
+    pace = Pace(start=4, ceiling=64)
+    pace.sample(0, 10.0)
+    pace.sample(0, 11.0)
+    for t in (12.0, 13.0, 14.0):
+        assert pace.sample(0, t) == 4
+    assert not pace.settled
+    assert pace.sample(100, 15.0) == 8  # bytes flow again: the first real sample steps
+    pace.sample(100, 16.0)  # the step's new connections: not counted
+    assert pace.sample(100, 17.0) == 8  # a pause after the step is not judged either
+    assert pace.sample(300, 18.0) == 16  # 200 B/s against 100: it paid
+
+
 def test_a_hedge_needs_samples_and_a_share_of_the_ranges() -> None:
     hedger = Hedger(ranges=40)  # 5%: two hedges
     for _ in range(7):

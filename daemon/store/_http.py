@@ -4,19 +4,29 @@ aiobotocore costs 2-3x the CPU per byte of this path (see docs/performance.md): 
 is read into fresh bytes objects and copied again. Here an ``asyncio.BufferedProtocol``
 (``_http_conn``) hands the kernel a slice of the destination (the arena on CPU hosts, a
 ring slot on GPU hosts), so each byte is written once. Signing stays with botocore
-(presigned URLs). This module keeps those connections alive per host and says how a
-request failed.
+(presigned URLs). This module keeps those connections alive per route (the store, or a
+forward proxy: see ``proxy``), falls back to the store when a proxy fails a range, and
+says how a request failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import ssl
+import time
 import urllib.parse
 from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
 
 from tensorferry.daemon.store._http_conn import Connection, RangeMismatch
+from tensorferry.daemon.store.proxy import Proxy, ProxyChooser, ProxyFailed, proxy_error
 from tensorferry.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+_FALLBACK_LOG_EVERY = 10.0
 
 
 class HttpError(Exception):
@@ -29,27 +39,92 @@ class HttpError(Exception):
         self.body = body
 
 
-class HttpPool:
-    """Keep-alive connections per (scheme, host, port), at most ``limit`` open per host."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Route:
+    """Where a request's connection goes: the store itself, a proxy that takes absolute
+    URIs for any http store (``host`` empty), or a CONNECT tunnel through a proxy."""
 
-    def __init__(self, *, limit: int, connect_timeout: float, read_timeout: float) -> None:
+    scheme: str
+    host: str
+    port: int
+    proxy: Proxy | None = None
+
+
+class HttpPool:
+    """Keep-alive connections per route, at most ``limit`` open per route."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        connect_timeout: float,
+        read_timeout: float,
+        proxies: ProxyChooser | None = None,
+        fallback: bool = True,
+        ca_bundle: Path | None = None,
+    ) -> None:
         self._limit = limit
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._idle: dict[tuple[str, str, int], list[Connection]] = defaultdict(list)
-        self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+        self._proxies = proxies
+        self._fallback = fallback
+        self._ca_bundle = ca_bundle
+        self._idle: dict[_Route, list[Connection]] = defaultdict(list)
+        self._slots: dict[_Route, asyncio.Semaphore] = {}
         self._ssl: ssl.SSLContext | None = None
         self.open_connections = 0
+        #: Ranges asked of the store directly after the proxy failed them.
+        self.fallbacks = 0
+        self.on_fallback: Callable[[], None] = lambda: None
+        self._fallback_logged = -_FALLBACK_LOG_EVERY
 
-    async def _connect(self, scheme: str, host: str, port: int) -> Connection:
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            cafile = str(self._ca_bundle) if self._ca_bundle is not None else None
+            self._ssl = ssl.create_default_context(cafile=cafile)
+        return self._ssl
+
+    async def _connect(self, route: _Route) -> Connection:
         loop = asyncio.get_running_loop()
-        if scheme == "https" and self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        async with asyncio.timeout(self._connect_timeout):
-            _, conn = await loop.create_connection(
-                Connection, host, port, ssl=self._ssl if scheme == "https" else None
-            )
+        proxy = route.proxy
+        if proxy is None:
+            tls = self._tls() if route.scheme == "https" else None
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(Connection, route.host, route.port, ssl=tls)
+        else:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    _, conn = await loop.create_connection(Connection, proxy.host, proxy.port)
+            except (OSError, TimeoutError) as exc:
+                raise ProxyFailed(f"cannot connect to the proxy {proxy.shown}: {exc}") from exc
+            if route.scheme == "https":
+                conn = await self._tunnel(conn, route, proxy)
         self.open_connections += 1
+        return conn
+
+    async def _tunnel(self, conn: Connection, route: _Route, proxy: Proxy) -> Connection:
+        """CONNECT through ``proxy``, then TLS with the store inside the tunnel."""
+        authority = f"{route.host}:{route.port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await conn.tunnel(head, self._connect_timeout)
+            if answer.status != 200:
+                raise ProxyFailed(
+                    f"the proxy {proxy.shown} refused a tunnel to {authority}: HTTP {answer.status}"
+                )
+            assert conn.transport is not None
+            async with asyncio.timeout(self._connect_timeout):
+                conn.transport = await loop.start_tls(
+                    conn.transport, conn, self._tls(), server_hostname=route.host
+                )
+        except BaseException:
+            if conn.transport is not None:
+                conn.transport.abort()
+            raise
         return conn
 
     @property
@@ -67,37 +142,87 @@ class HttpPool:
     ) -> None:
         """GET ``url`` with ``Range`` for len(dest) bytes from ``start`` into ``dest``.
 
-        Raises HttpError for a non-206 answer, RangeMismatch for a wrong range, and
-        ConnectionError/TimeoutError for transport failures.
+        Raises HttpError for a non-206 answer, RangeMismatch for a wrong range,
+        ConnectionError/TimeoutError for transport failures, and ProxyFailed when a proxy
+        failed the request and there is no fallback.
         """
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme
         host = parts.hostname or ""
         port = parts.port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        host_header = parts.netloc.rpartition("@")[2]
-        lines = [f"GET {target} HTTP/1.1", f"Host: {host_header}"]
+        origin = parts.path + (f"?{parts.query}" if parts.query else "")
+        lines = [f"Host: {parts.netloc.rpartition('@')[2]}"]
         lines.append(f"Range: bytes={start}-{start + len(dest) - 1}")
         lines.extend(f"{k}: {v}" for k, v in headers.items())
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        slots = self._slots.setdefault(key, asyncio.Semaphore(self._limit))
+        proxy = self._proxies.for_host(scheme, host, port) if self._proxies else None
+        if proxy is not None:
+            if scheme == "https":
+                route, target, extra = _Route(scheme, host, port, proxy), origin, []
+            else:
+                # Absolute URIs: one set of keep-alive connections to the proxy serves
+                # every store host behind it.
+                route, target = _Route("http", "", 0, proxy), f"http://{parts.netloc}{origin}"
+                auth = proxy.authorization
+                extra = [f"Proxy-Authorization: {auth}"] if auth else []
+            try:
+                await self._get(route, target, [*lines, *extra], dest, start)
+                return
+            except ProxyFailed as exc:
+                if not self._fallback:
+                    raise
+                self._count_fallback(exc)
+        await self._get(_Route(scheme, host, port), origin, lines, dest, start)
+
+    def _count_fallback(self, exc: ProxyFailed) -> None:
+        self.fallbacks += 1
+        self.on_fallback()
+        now = time.monotonic()
+        if now - self._fallback_logged >= _FALLBACK_LOG_EVERY:
+            self._fallback_logged = now
+            log.warning("%s; asking the store directly (%d so far)", exc, self.fallbacks)
+
+    async def _get(
+        self, route: _Route, target: str, lines: list[str], dest: memoryview, start: int
+    ) -> None:
+        head = "\r\n".join([f"GET {target} HTTP/1.1", *lines]) + "\r\n\r\n"
+        slots = self._slots.setdefault(route, asyncio.Semaphore(self._limit))
         async with slots:
-            idle = self._idle[key]
+            idle = self._idle[route]
             while idle and idle[-1].closed:  # the store closed it while it sat idle
                 self._discard(idle.pop())
-            conn = idle.pop() if idle else await self._connect(*key)
-            reusable = False
-            try:
-                response = await conn.request(head, dest, start, self._read_timeout)
-                reusable = response.headers.get("connection", "").lower() != "close"
-            finally:
-                if reusable and not conn.closed:
-                    idle.append(conn)
-                else:
-                    self._discard(conn)
-        if response.status != 206:
-            raise HttpError(response.status, response.headers, bytes(response.body))
+            kept = bool(idle)
+            conn = idle.pop() if kept else await self._connect(route)
+            while True:
+                reusable = False
+                try:
+                    response = await conn.request(
+                        head.encode("latin-1"), dest, start, self._read_timeout
+                    )
+                    reusable = "close" not in (
+                        response.headers.get("connection", "").lower(),
+                        response.headers.get("proxy-connection", "").lower(),
+                    )
+                    break
+                except ConnectionError:
+                    # A kept-alive connection the peer had closed unseen (proxies close
+                    # after each answer without saying so): once more on a new one.
+                    if not kept or conn.answered:
+                        raise
+                    kept = False
+                finally:
+                    if reusable and not conn.closed:
+                        idle.append(conn)
+                    else:
+                        self._discard(conn)
+                conn = await self._connect(route)
+        if response.status == 206:
+            return
+        body = bytes(response.body)
+        if route.proxy is not None:
+            why = proxy_error(response.status, response.headers, body)
+            if why is not None:
+                raise ProxyFailed(f"the proxy {route.proxy.shown} answered {why}")
+        raise HttpError(response.status, response.headers, body)
 
     async def aclose(self) -> None:
         for conns in self._idle.values():

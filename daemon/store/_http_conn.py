@@ -49,6 +49,11 @@ class Connection(asyncio.BufferedProtocol):
         self._idle_timeout = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._meter: BodyMeter | None = None
+        #: A CONNECT answer: the head is all there is (bytes after it belong to TLS).
+        self._head_only = False
+        #: Whether the current request got any byte back (a kept-alive connection that the
+        #: peer closed meanwhile fails before that, and the request may be sent again).
+        self.answered = False
 
     # -- asyncio callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,6 +62,14 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        response = self._response
+        if response is not None and not self._in_body and "content-length" not in response.headers:
+            # An error body delimited by the end of the connection (HTTP/1.0 style, as
+            # proxies' error pages often are): complete now.
+            response.headers["connection"] = "close"
+            response.body = bytearray(self._head[: self._head_len])
+            self._finish()
+            return
         if self._waiter is not None and not self._waiter.done():
             got = f"after {self._pos} of {self._want} body bytes" if self._in_body else ""
             self._waiter.set_exception(ConnectionError(f"connection closed {got}".strip()))
@@ -70,6 +83,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_io = time.monotonic()
+        self.answered = True
         if self._in_body:
             self._pos += nbytes
             if self._meter is not None:
@@ -119,6 +133,13 @@ class Connection(asyncio.BufferedProtocol):
         extra = self._head_len - head_end
         response = Response(status, headers)
         self._response = response
+        if self._head_only:
+            self._head_len = 0
+            if extra:
+                self._fail(ConnectionError("the proxy sent bytes after its CONNECT answer"))
+            else:
+                self._finish()
+            return
         if status != 206:
             self._head[:extra] = self._head[head_end : self._head_len]
             self._head_len = extra
@@ -186,6 +207,15 @@ class Connection(asyncio.BufferedProtocol):
             loop = asyncio.get_running_loop()
             self._idle_timer = loop.call_later(self._idle_timeout - idle, self._check_idle)
 
+    async def tunnel(self, head: bytes, idle_timeout: float) -> Response:
+        """Send a CONNECT ``head`` and return the proxy's answer; the connection is then
+        the proxy's tunnel (the caller starts TLS on it)."""
+        self._head_only = True
+        try:
+            return await self.request(head, memoryview(bytearray()), 0, idle_timeout)
+        finally:
+            self._head_only = False
+
     async def request(
         self, head: bytes, dest: memoryview, start: int, idle_timeout: float
     ) -> Response:
@@ -202,6 +232,7 @@ class Connection(asyncio.BufferedProtocol):
         self._in_body = False
         self._response = None
         self._head_len = 0
+        self.answered = False
         try:
             try:
                 self.transport.write(head)

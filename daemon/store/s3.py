@@ -1,5 +1,5 @@
-"""S3 (and S3-compatible) source: aiobotocore for credentials, signing, listing and small
-reads; the lean HTTP path in ``_http`` for the data bytes.
+"""S3 (and S3-compatible) source: aiobotocore for credentials, signing and listing; the lean
+HTTP path in ``_http`` for every byte of every object (headers and index files too).
 
 This is the only module that imports aiobotocore, and the one table that maps the store's
 errors to ours.
@@ -14,9 +14,11 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from tensorferry import env
 from tensorferry.daemon.config import S3Settings
 from tensorferry.daemon.store._http import HttpError, HttpPool, transport_error
 from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.store.proxy import ProxyChooser, ProxyFailed
 from tensorferry.daemon.store.throttle import Throttles
 from tensorferry.errors import (
     AccessDenied,
@@ -30,6 +32,10 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
            "InvalidToken", "AllAccessDisabled", "AccountProblem"}  # fmt: skip
 _XML_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 PRESIGN_SECONDS = 900
+#: Through a proxy a URL may be fetched later than we ask for it (a caching proxy or a
+#: P2P seed fetching the whole object from the first URL it saw): sign it for longer.
+#: Temporary credentials still end it when their session does.
+PROXY_PRESIGN_SECONDS = 12 * 3600
 #: A presigned URL serves every range of its object for this long, then is signed again, so
 #: a long load picks up refreshed instance-role credentials well before the URL expires.
 REUSE_SECONDS = 60.0
@@ -58,11 +64,15 @@ class S3Backend:
 
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
+        self.proxies = ProxyChooser(settings.proxy, env.proxy_variables())
         self.pool = HttpPool(
             # Every load's GETs to one host share these: as many as a load may grow to.
             limit=max(settings.concurrency, settings.max_concurrency),
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            proxies=self.proxies,
+            fallback=settings.proxy_fallback,
+            ca_bundle=settings.ca_bundle,
         )
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
@@ -89,11 +99,17 @@ class S3Backend:
             read_timeout=s.read_timeout,
             max_pool_connections=8,
             retries={"max_attempts": 3, "mode": "standard"},
+            proxies=self._control_proxies(),
         )
         session = AioSession(profile=s.profile)
+        verify = str(s.ca_bundle) if s.ca_bundle is not None else None
         self.client = await self._stack.enter_async_context(
             session.create_client(
-                "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
+                "s3",
+                endpoint_url=s.endpoint_url,
+                region_name=s.region,
+                config=config,
+                verify=verify,
             )
         )
         self._stack.push_async_callback(self.pool.aclose)
@@ -103,6 +119,31 @@ class S3Backend:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stack.aclose()
+
+    def _control_proxies(self) -> dict[str, str] | None:
+        """botocore's proxies for listing and small reads: the data path's choice for the
+        configured endpoint; None (botocore's own reading of the same variables) where
+        the endpoint is AWS's, which is known only once the client exists."""
+        if self.settings.endpoint_url is None and self.settings.proxy is None:
+            return None
+        if self.settings.endpoint_url is None:
+            proxy = self.proxies.for_host("https", "s3.amazonaws.com", 443)
+        else:
+            proxy = self.proxies.for_url(self.settings.endpoint_url)
+        # {} rather than None: botocore would read the variables again and could disagree.
+        return {"http": proxy.url, "https": proxy.url} if proxy is not None else {}
+
+    def headers_for(self, uri: str) -> dict[str, str]:
+        """``[s3] headers`` of the longest source prefix that ``uri`` falls under."""
+        best: tuple[int, dict[str, str]] = (-1, {})
+        for prefix, pairs in self.settings.headers:
+            if uri.startswith(prefix) and len(prefix) > best[0]:
+                best = (len(prefix), dict(pairs))
+        return best[1]
+
+    @property
+    def presign_seconds(self) -> int:
+        return PROXY_PRESIGN_SECONDS if self.proxies.any else PRESIGN_SECONDS
 
     @property
     def endpoint(self) -> str:
@@ -135,6 +176,8 @@ class S3Backend:
             m = _XML_CODE.search(exc.body)
             code = m.group(1).decode("ascii", "replace") if m else ""
             return map_store_error(what, code, exc.status, bucket)
+        if isinstance(exc, ProxyFailed):
+            return StoreUnavailable(f"{what}: {exc} ([s3] proxy_fallback is off)")
         if isinstance(exc, OSError | TimeoutError):
             return transport_error(what, exc)
         raise exc
@@ -150,6 +193,7 @@ class S3Store(Store):
         self.single = single
         self.uri = f"s3://{bucket}/{prefix}"
         self._urls: dict[str, tuple[str, float]] = {}
+        self._headers = backend.headers_for(self.uri + (single or ""))
 
     async def list_objects(self) -> list[ObjectInfo]:
         client = self.backend.client
@@ -174,21 +218,13 @@ class S3Store(Store):
         return objects
 
     async def read(self, obj: ObjectInfo, start: int, length: int) -> bytes:
-        what = self.describe(obj)
-        try:
-            response = await self.backend.client.get_object(
-                Bucket=self.bucket,
-                Key=self.prefix + obj.key,
-                Range=f"bytes={start}-{start + length - 1}",
-                IfMatch=obj.etag,
-            )
-            async with response["Body"] as body:
-                data: bytes = await body.read()
-        except Exception as exc:
-            raise self.backend.translate(what, self.bucket, exc) from exc
-        if len(data) != length:
-            raise StoreUnavailable(f"{what}: asked for {length} bytes, got {len(data)}")
-        return data
+        # Headers, index and tokenizer files take the data path too: the same proxy, the
+        # same fallback, the same If-Match, and no second body copy in botocore.
+        if length == 0:
+            return b""
+        buf = bytearray(length)
+        await self.read_into(obj, start, memoryview(buf))
+        return bytes(buf)
 
     async def read_into(self, obj: ObjectInfo, start: int, dest: memoryview) -> None:
         what = self.describe(obj)
@@ -197,7 +233,8 @@ class S3Store(Store):
         try:
             url = await self._url(obj.key)
             t0 = time.monotonic()
-            await self.backend.pool.get_into(url, {"If-Match": obj.etag}, dest, start)
+            headers = {**self._headers, "If-Match": obj.etag}
+            await self.backend.pool.get_into(url, headers, dest, start)
             self.backend.on_get(time.monotonic() - t0)
         except Exception as exc:
             self._urls.pop(obj.key, None)  # a 403 after a key rotation: sign anew next time
@@ -220,7 +257,7 @@ class S3Store(Store):
         url: str = await self.backend.client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": self.prefix + key},
-            ExpiresIn=PRESIGN_SECONDS,
+            ExpiresIn=self.backend.presign_seconds,
         )
         self._urls[key] = (url, now)
         return url

@@ -1,0 +1,177 @@
+"""Forward proxies on the data path: which range GETs go through one, and what its own
+errors look like.
+
+A proxy comes from ``[s3] proxy`` or, when that is unset, from the standard variables
+(``HTTPS_PROXY`` for https stores, ``HTTP_PROXY`` for http ones; ``NO_PROXY`` exempts hosts
+either way, as curl does). Through it, an ``http`` store is asked with absolute URIs, so
+a caching proxy or Dragonfly's dfdaemon sees (and can serve) every range; an ``https``
+store is reached through a CONNECT tunnel with TLS to the store inside it. A proxy from the
+environment skips loopback stores (as Go's ``ProxyFromEnvironment`` does): a variable set
+for a host's package downloads must not reroute a local store.
+
+A proxy that answers with an error of its own (Dragonfly's ``X-Dragonfly-Error-Type``, an
+error without S3's error body, or no connection at all) is not the store's verdict: with
+``[s3] proxy_fallback`` the range is asked of the store directly (``_http`` does that, and
+counts it).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import ipaddress
+import urllib.parse
+from collections.abc import Mapping
+
+from tensorferry.errors import ConfigError
+
+#: ``[s3] proxy`` value that turns proxies off even where the environment names one.
+OFF = "off"
+
+
+class ProxyFailed(Exception):
+    """The proxy, not the store, failed this request; the message names the proxy."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Proxy:
+    host: str
+    port: int
+    #: ``Proxy-Authorization`` for credentials in the proxy's URL, else None.
+    authorization: str | None = dataclasses.field(default=None, repr=False)
+    #: The URL as configured, credentials included (for botocore's control calls).
+    url: str = dataclasses.field(default="", repr=False, compare=False)
+
+    @property
+    def shown(self) -> str:
+        """The proxy for messages and logs: never its credentials."""
+        return f"http://{self.host}:{self.port}"
+
+
+def parse_proxy(url: str, where: str) -> Proxy:
+    """``http://[user:password@]host[:port]`` (a bare ``host:port`` too); ConfigError names
+    ``where`` (the key or variable the value came from)."""
+    value = url.strip()
+    parts = urllib.parse.urlsplit(value if "://" in value else f"http://{value}")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port < 1 or parts.path not in ("", "/"):
+        raise ConfigError(
+            f"{where}: expected a proxy URL such as http://proxy.internal:3128, got {url!r} "
+            "(proxies are spoken to in plain HTTP; https stores are tunnelled with CONNECT)"
+        )
+    auth = None
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return Proxy(parts.hostname, port, auth, parts.geturl())
+
+
+def proxy_rule(value: str | None) -> str | None:
+    """The config rule of ``[s3] proxy``."""
+    if value is None or value == OFF:
+        return None
+    try:
+        parse_proxy(value, "s3.proxy")
+    except ConfigError as exc:
+        return exc.message.removeprefix("s3.proxy: ")
+    return None
+
+
+class ProxyChooser:
+    """The proxy for each store host, decided once per (scheme, host, port)."""
+
+    def __init__(self, setting: str | None, variables: Mapping[str, str]) -> None:
+        self._by_scheme: dict[str, Proxy | None] = {"http": None, "https": None}
+        self._from_env = setting is None
+        if setting == OFF:
+            pass
+        elif setting is not None:
+            proxy = parse_proxy(setting, "s3.proxy")
+            self._by_scheme = {"http": proxy, "https": proxy}
+        else:
+            for scheme in ("http", "https"):
+                name = f"{scheme}_proxy"
+                if variables.get(name):
+                    where = f"${name.upper()} (or ${name})"
+                    self._by_scheme[scheme] = parse_proxy(variables[name], where)
+        self._exempt = [e.strip().lower() for e in variables.get("no_proxy", "").split(",")]
+        self._exempt = [e for e in self._exempt if e]
+        self._cache: dict[tuple[str, str, int], Proxy | None] = {}
+
+    @property
+    def any(self) -> bool:
+        return any(p is not None for p in self._by_scheme.values())
+
+    def for_host(self, scheme: str, host: str, port: int) -> Proxy | None:
+        key = (scheme, host, port)
+        if key not in self._cache:
+            proxy = self._by_scheme.get(scheme)
+            exempt = proxy is not None and (
+                bypass(host, port, self._exempt) or (self._from_env and _loopback(host))
+            )
+            self._cache[key] = None if exempt else proxy
+        return self._cache[key]
+
+    def for_url(self, url: str) -> Proxy | None:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return self.for_host(parts.scheme, parts.hostname or "", port)
+
+
+def _loopback(host: str) -> bool:
+    host = host.lower().strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
+
+
+def bypass(host: str, port: int, entries: list[str]) -> bool:
+    """Whether ``NO_PROXY`` entries exempt ``host``: ``*``, a name and its subdomains
+    (``example.com``, ``.example.com``), an address or a CIDR block, each with an optional
+    ``:port``."""
+    host = host.lower().strip("[]")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in entries:
+        if entry == "*":
+            return True
+        name, sep, entry_port = entry.rpartition(":") if entry.count(":") == 1 else ("", "", "")
+        if not sep:
+            name = entry
+        elif entry_port != str(port):
+            continue
+        name = name.strip("[]")
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def proxy_error(status: int, headers: Mapping[str, str], body: bytes) -> str | None:
+    """Why a non-206 answer came from the proxy rather than the store, or None when the
+    store gave it. S3 errors carry an XML ``<Code>`` or a request id; those are the
+    store's verdict (a 503 SlowDown must slow us down, not send us around the proxy).
+    Anything else (an error page, a 200 that ignored the range) is the proxy's: the
+    store, asked directly, gives the real answer at the cost of one request."""
+    kind = headers.get("x-dragonfly-error-type")
+    if kind is not None:
+        return f"Dragonfly error {kind} (HTTP {status})"
+    if b"<Code>" in body or "x-amz-request-id" in headers:
+        return None
+    if status == 407:
+        return "HTTP 407: the proxy wants credentials (put them in its URL)"
+    return f"HTTP {status}, not an S3 answer"
