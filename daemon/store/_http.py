@@ -41,8 +41,8 @@ class HttpError(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Route:
-    """Where a request's connection goes: the store itself, a proxy that takes absolute
-    URIs for any http store (``host`` empty), or a CONNECT tunnel through a proxy."""
+    """Where a request's connection goes: the store itself, or the store's host through
+    ``proxy`` (absolute URIs for http, a CONNECT tunnel for https)."""
 
     scheme: str
     host: str
@@ -159,9 +159,9 @@ class HttpPool:
             if scheme == "https":
                 route, target, extra = _Route(scheme, host, port, proxy), origin, []
             else:
-                # Absolute URIs: one set of keep-alive connections to the proxy serves
-                # every store host behind it.
-                route, target = _Route("http", "", 0, proxy), f"http://{parts.netloc}{origin}"
+                # Absolute URIs to the proxy; its connections are still kept per store host,
+                # as some proxies relay whatever follows the first request to its host.
+                route, target = _Route("http", host, port, proxy), f"http://{parts.netloc}{origin}"
                 auth = proxy.authorization
                 extra = [f"Proxy-Authorization: {auth}"] if auth else []
             try:

@@ -10,7 +10,7 @@ import re
 import time
 from typing import cast
 
-from tensorferry.daemon.store.base import METER, BodyMeter
+from tensorferry.daemon.store.base import METER, TIMING, BodyMeter, GetTiming
 
 _HEAD_MAX = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -49,6 +49,7 @@ class Connection(asyncio.BufferedProtocol):
         self._idle_timeout = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._meter: BodyMeter | None = None
+        self._timing: GetTiming | None = None
         #: A CONNECT answer: the head is all there is (bytes after it belong to TLS).
         self._head_only = False
         #: Whether the current request got any byte back (a kept-alive connection that the
@@ -84,6 +85,8 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._last_io = time.monotonic()
         self.answered = True
+        if self._timing is not None and self._timing.first_byte is None:
+            self._timing.answered(self._last_io)
         if self._in_body:
             self._pos += nbytes
             if self._meter is not None:
@@ -228,6 +231,7 @@ class Connection(asyncio.BufferedProtocol):
         self._dest, self._pos, self._want = dest, 0, len(dest)
         # Callbacks run outside the task's context: take the load's meter along now.
         self._meter = METER.get()
+        self._timing = TIMING.get()
         self._expect_start = start
         self._in_body = False
         self._response = None
@@ -238,9 +242,12 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport.write(head)
             except RuntimeError as exc:  # uvloop: the transport closed under us
                 raise ConnectionResetError(str(exc)) from None
+            if self._timing is not None:
+                self._timing.sent, self._timing.first_byte = time.monotonic(), None
             return await self._waiter
         finally:
             self._waiter = None
+            self._timing = None
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import contextvars
 import dataclasses
+from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,4 +54,27 @@ class BodyMeter:
 
 METER: contextvars.ContextVar[BodyMeter | None] = contextvars.ContextVar(
     "tensorferry_meter", default=None
+)
+
+
+@dataclasses.dataclass
+class GetTiming:
+    """When one range's GET went out and when its first byte came back (monotonic), set
+    by the HTTP connection for the hedger: a GET with no answer long after it was sent is
+    a straggler, while one still waiting for a SlowDown pause or a connection is not."""
+
+    sent: float | None = None
+    first_byte: float | None = None
+    #: Told the first-byte latency as soon as it is known, not when the range completes:
+    #: on a slow link every range may have started before the first one completes.
+    on_first_byte: Callable[[float], None] | None = None
+
+    def answered(self, now: float) -> None:
+        self.first_byte = now
+        if self.on_first_byte is not None and self.sent is not None:
+            self.on_first_byte(now - self.sent)
+
+
+TIMING: contextvars.ContextVar[GetTiming | None] = contextvars.ContextVar(
+    "tensorferry_timing", default=None
 )
