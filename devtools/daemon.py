@@ -93,6 +93,17 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM to the process group (a server and the children it started), then SIGKILL
+    if it has not stopped within ``timeout``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+
+
 def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """SIGTERM, then SIGKILL to the group if it has not stopped within ``timeout``."""
     if proc.poll() is None:

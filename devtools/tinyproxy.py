@@ -13,12 +13,13 @@ import dataclasses
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tensorferry.devtools.daemon import stop_group
 
 INSTALL_HINT = (
     "tinyproxy is not installed: apt-get install tinyproxy (scripts/setup does it as root)"
@@ -96,11 +97,4 @@ def run_tinyproxy(
             time.sleep(0.05)
         yield ForwardProxy(f"http://127.0.0.1:{port}", log, proc.pid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 5)

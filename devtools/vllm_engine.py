@@ -5,7 +5,8 @@ Runs in vLLM's own environment (``.venv-vllm``), started as a script:
     .venv-vllm/bin/python devtools/vllm_engine.py SPEC.json OUT.json
 
 SPEC: ``{"prompts": [...], "max_tokens": 8, "engines": [{"label": ..., "model": DIR,
-"load_format": "safetensors" | "tensorferry" | ..., "extra": {...}, "tp": 1, "env": {...}}]}``
+"load_format": "safetensors" | "tensorferry" | ..., "extra": {...}, "tp": 1, "pp": 1,
+"env": {...}}]}``
 (``env``: variables set while that engine runs, for engines in this process).
 OUT gets, per engine: greedy token ids and cumulative logprobs per prompt, seconds from
 ``LLM(...)`` to the first generated token, and the error (type and text) if it failed.
@@ -32,11 +33,12 @@ def run_engine(engine: dict[str, Any], prompts: list[str], max_tokens: int) -> d
     t0 = time.monotonic()
     llm = None
     try:
-        tp = int(engine.get("tp", 1))
+        tp, pp = int(engine.get("tp", 1)), int(engine.get("pp", 1))
         llm = LLM(
             model=engine["model"], load_format=engine["load_format"],
             model_loader_extra_config=engine.get("extra") or {}, tensor_parallel_size=tp,
-            distributed_executor_backend="uni" if tp == 1 else "mp", dtype="bfloat16",
+            pipeline_parallel_size=pp,
+            distributed_executor_backend="uni" if tp * pp == 1 else "mp", dtype="bfloat16",
             enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0,
             skip_tokenizer_init=False,
         )  # fmt: skip

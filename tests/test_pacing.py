@@ -12,8 +12,9 @@ from tensorferry.daemon.pacing import MIN_HEDGE_SECONDS, SLOW, Hedger, Pace
 from tensorferry.daemon.store.base import GetTiming
 from tensorferry.daemon.store.throttle import MIN_PAUSE, BucketThrottle, Throttles
 from tensorferry.devtools.modelgen import write_model
-from tensorferry.devtools.proxy import CountingProxy, Fault, Kind, RequestInfo
+from tensorferry.devtools.proxy import CountingProxy, Fault, FaultHook, Kind, RequestInfo
 from tensorferry.devtools.seaweed import S3Server
+from tensorferry.v1 import tensorferry_pb2 as pb
 from tests.conftest import assert_clean, daemon_env, running_daemon, upload
 
 
@@ -122,21 +123,36 @@ async def test_a_slowdown_pauses_every_load_of_that_bucket_only() -> None:
     assert BucketThrottle().delay == 0.0
 
 
-def hang_nth_data_get(n: int) -> tuple[object, list[str]]:
-    """A hook that leaves the n-th data GET's body hanging (headers sent, then silence)."""
+def nth_data_get(n: int, fault: Fault, others: Fault | None = None) -> tuple[FaultHook, list[str]]:
+    """A hook that gives the n-th data GET ``fault`` and every other one ``others``; the
+    ranges asked for, in order."""
     seen: list[str] = []
     lock = threading.Lock()
 
-    def fault(req: RequestInfo) -> Fault | None:
+    def hook(req: RequestInfo) -> Fault | None:
         if req.kind is not Kind.DATA_GET:
             return None
         with lock:
             seen.append(req.headers["range"])
-            if len(seen) == n:
-                return Fault(truncate_after=0, hang=True)
-        return None
+            return fault if len(seen) == n else others
 
-    return fault, seen
+    return hook, seen
+
+
+def load_once(s3: S3Server, uri: str, hook: FaultHook, config: str) -> tuple[pb.LoadRecord, int]:
+    """One cold load through a CountingProxy with ``hook``: its record, and the data GETs
+    the proxy saw."""
+    with (
+        CountingProxy(s3.endpoint, fault=hook) as proxy,
+        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
+        d.client() as client,
+    ):
+        with client.load(uri) as model:
+            assert not model.attached
+        [record] = client.status().recent_loads
+        del model
+        assert_clean(d)
+    return record, proxy.stats().requests[Kind.DATA_GET]
 
 
 def test_a_straggling_range_is_hedged_and_the_load_does_not_wait_for_it(
@@ -144,26 +160,16 @@ def test_a_straggling_range_is_hedged_and_the_load_does_not_wait_for_it(
 ) -> None:
     write_model(tmp_path / "m", 24 << 20, layer_bytes=1 << 20)
     uri = upload(s3, tmp_path / "m", prefix)
-    fault, seen = hang_nth_data_get(12)
+    hook, seen = nth_data_get(12, Fault(truncate_after=0, hang=True))
     # Without the hedge the hung GET would hold the load for read_timeout (60 s).
     config = 'chunk_size = "1MiB"\nconcurrency = 2\nmax_concurrency = 2\nread_timeout = 60'
-    with (
-        CountingProxy(s3.endpoint, fault=fault) as proxy,
-        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
-        d.client() as client,
-    ):
-        t0 = time.monotonic()
-        with client.load(uri) as model:
-            assert not model.attached
-        assert time.monotonic() - t0 < 30
-        [record] = client.status().recent_loads
-        assert (record.outcome, record.hedges, record.retries) == ("ready", 1, 0)
-        hung = seen[11]
-        assert seen.count(hung) == 2  # the same range, asked again
-        assert record.workers == 2
-        del model
-        assert_clean(d)
-    assert proxy.stats().requests[Kind.DATA_GET] == len(seen)
+    t0 = time.monotonic()
+    record, gets = load_once(s3, uri, hook, config)
+    assert time.monotonic() - t0 < 30
+    assert gets == len(seen)
+    assert (record.outcome, record.hedges, record.retries) == ("ready", 1, 0)
+    assert seen.count(seen[11]) == 2  # the hung range, asked again
+    assert record.workers == 2
 
 
 def test_a_get_whose_first_byte_does_not_come_is_hedged_long_before_the_range_deadline(
@@ -171,37 +177,17 @@ def test_a_get_whose_first_byte_does_not_come_is_hedged_long_before_the_range_de
 ) -> None:
     write_model(tmp_path / "m", 16 << 20, layer_bytes=1 << 20)
     uri = upload(s3, tmp_path / "m", prefix)
-    seen: list[str] = []
-    lock = threading.Lock()
-
-    def slow_ranges_one_silent(req: RequestInfo) -> Fault | None:
-        # Every range takes about 2 s (a slow link), so the range-time rule would hedge
-        # only after 8 s; the 12th range gets no answer at all for 30 s.
-        if req.kind is not Kind.DATA_GET:
-            return None
-        with lock:
-            seen.append(req.headers["range"])
-            if len(seen) == 12:
-                return Fault(stall=30.0)
-        return Fault(trickle=0.125)
-
+    # Every range takes about 2 s (a slow link), so the range-time rule would hedge only
+    # after 8 s; the 12th range gets no answer at all for 30 s.
+    hook, seen = nth_data_get(12, Fault(stall=30.0), others=Fault(trickle=0.125))
     config = 'chunk_size = "1MiB"\nconcurrency = 4\nmax_concurrency = 4\nread_timeout = 60'
-    with (
-        CountingProxy(s3.endpoint, fault=slow_ranges_one_silent) as proxy,
-        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
-        d.client() as client,
-    ):
-        with client.load(uri) as model:
-            assert not model.attached
-        [record] = client.status().recent_loads
-        assert (record.outcome, record.hedges, record.retries) == ("ready", 1, 0)
-        assert seen.count(seen[11]) == 2  # the silent range, asked again
-        # Hedged half a second after it was sent: the load takes what its ranges need at
-        # four in flight (about 4 x 2 s + the hedge's 2 s), not the 8 s of the range rule.
-        assert record.fetch_seconds < 12, record
-        del model
-        assert_clean(d)
-    assert proxy.stats().requests[Kind.DATA_GET] == len(seen)
+    record, gets = load_once(s3, uri, hook, config)
+    assert gets == len(seen)
+    assert (record.outcome, record.hedges, record.retries) == ("ready", 1, 0)
+    assert seen.count(seen[11]) == 2  # the silent range, asked again
+    # Hedged half a second after it was sent: the load takes what its ranges need at four
+    # in flight (about 4 x 2 s + the hedge's 2 s), not the 8 s of the range rule.
+    assert record.fetch_seconds < 12, record
 
 
 def test_gets_in_flight_grow_when_each_connection_is_slow(

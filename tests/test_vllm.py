@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tensorferry.devtools.daemon import stop_group
 from tensorferry.devtools.llamagen import drop_tensor, write_llama
 from tensorferry.devtools.proxy import CountingProxy, Kind
 from tensorferry.devtools.seaweed import S3Server
@@ -81,9 +81,11 @@ def worker_env(d: Daemon) -> dict[str, str]:
     return {**env, "TENSORFERRY_SOCKET": str(d.socket)}
 
 
-def engine(label: str, model: Path, load_format: str, tp: int = 1, **extra: Any) -> dict[str, Any]:
+def engine(
+    label: str, model: Path, load_format: str, tp: int = 1, pp: int = 1, **extra: Any
+) -> dict[str, Any]:
     return {
-        "label": label, "model": str(model), "load_format": load_format, "tp": tp,
+        "label": label, "model": str(model), "load_format": load_format, "tp": tp, "pp": pp,
         "extra": extra if load_format == "tensorferry" else {},
     }  # fmt: skip
 
@@ -246,13 +248,7 @@ def test_vllm_serve_with_load_format_tensorferry_answers_completions(
             [model] = client.list()
         assert (model.state, model.uri) == ("ready", uri)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 60)
     output = log.read_text(errors="replace")
     assert output.count("streamed as they landed") == 1, output[-6000:]
     assert 0 < proxy.stats().body_bytes[Kind.DATA_GET] <= shard_bytes(llama)
