@@ -68,8 +68,13 @@ def _doctor(args: argparse.Namespace) -> int:
 def _config_show(args: argparse.Namespace) -> int:
     import dataclasses
 
-    settings = _settings(args)
-    print(json.dumps(dataclasses.asdict(settings), indent=2, default=str))
+    from tensorferry.daemon.store.proxy import redact
+
+    shown = dataclasses.asdict(_settings(args))
+    # Printed configs end up in tickets: a proxy URL's password stays out.
+    if shown["s3"].get("proxy"):
+        shown["s3"]["proxy"] = redact(shown["s3"]["proxy"])
+    print(json.dumps(shown, indent=2, default=str))
     return 0
 
 

@@ -87,6 +87,10 @@ def test_every_store_request_goes_through_a_real_forward_proxy(
         del loaded
         assert_clean(d)
         assert fallbacks(port) == 0
+        assert (
+            f"http stores through {tinyproxy.endpoint}; https stores through "
+            f"{tinyproxy.endpoint} (from the [s3] proxy); direct fallback on"
+        ) in d.output()
     log = origin.stats().log
     data = [r for r in log if r.kind is Kind.DATA_GET]
     assert len(data) >= 6  # 6 MB in 1 MiB ranges

@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 
 from tensorferry import env
+from tensorferry.cli import main as cli_main
 from tensorferry.daemon.config import S3Settings, load_settings
-from tensorferry.daemon.store.proxy import Proxy, ProxyChooser, bypass, parse_proxy, proxy_error
+from tensorferry.daemon.store.proxy import (
+    Proxy,
+    ProxyChooser,
+    bypass,
+    parse_proxy,
+    proxy_error,
+    redact,
+)
 from tensorferry.errors import ConfigError
 from tests.conftest import short_dir
 
@@ -82,6 +90,17 @@ def test_what_counts_as_the_proxys_own_error() -> None:
     assert proxy_error(407, {}, b"") == (
         "HTTP 407: the proxy wants credentials (put them in its URL)"
     )
+
+
+def test_config_show_keeps_the_proxy_password_out(capsys: pytest.CaptureFixture[str]) -> None:
+    assert redact("http://svc:s3cret@proxy:3128") == "http://svc:***@proxy:3128"
+    assert redact("http://proxy:3128") == "http://proxy:3128"
+    config = short_dir() / "c.toml"
+    config.write_text('[sources]\nallow = ["s3://m/"]\n[s3]\nproxy = "http://svc:s3cret@p:1"\n')
+    assert cli_main(["config", "show", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert '"proxy": "http://svc:***@p:1"' in out
+    assert "s3cret" not in out
 
 
 def test_proxy_headers_and_ca_bundle_keys(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,6 +70,15 @@ def parse_proxy(url: str, where: str) -> Proxy:
     return Proxy(parts.hostname, port, auth, parts.geturl())
 
 
+def redact(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+    return parts._replace(netloc=netloc).geturl()
+
+
 def proxy_rule(value: str | None) -> str | None:
     """The config rule of ``[s3] proxy``."""
     if value is None or value == OFF:
@@ -105,6 +114,14 @@ class ProxyChooser:
     @property
     def any(self) -> bool:
         return any(p is not None for p in self._by_scheme.values())
+
+    def describe(self) -> str:
+        """What an operator should see at start: which stores go through which proxy."""
+        routes = [f"{scheme} stores through {p.shown}" for scheme, p in self._by_scheme.items()
+                  if p is not None]  # fmt: skip
+        source = "environment" if self._from_env else "[s3] proxy"
+        exempt = f"; NO_PROXY: {', '.join(self._exempt)}" if self._exempt else ""
+        return f"{'; '.join(routes)} (from the {source}{exempt})"
 
     def for_host(self, scheme: str, host: str, port: int) -> Proxy | None:
         key = (scheme, host, port)

@@ -8,6 +8,7 @@ errors to ours.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from tensorferry.errors import (
     TensorferryError,
 )
 
+log = logging.getLogger(__name__)
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "AllAccessDisabled", "AccountProblem"}  # fmt: skip
 _XML_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
@@ -113,6 +115,9 @@ class S3Backend:
             )
         )
         self._stack.push_async_callback(self.pool.aclose)
+        if self.proxies.any:
+            fallback = "on" if s.proxy_fallback else "off"
+            log.info("%s; direct fallback %s", self.proxies.describe(), fallback)
         return self
 
     async def __aexit__(
@@ -121,7 +126,7 @@ class S3Backend:
         await self._stack.aclose()
 
     def _control_proxies(self) -> dict[str, str] | None:
-        """botocore's proxies for listing and small reads: the data path's choice for the
+        """botocore's proxies for listing: the data path's choice for the
         configured endpoint; None (botocore's own reading of the same variables) where
         the endpoint is AWS's, which is known only once the client exists."""
         if self.settings.endpoint_url is None and self.settings.proxy is None:
