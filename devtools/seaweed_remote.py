@@ -43,7 +43,6 @@ __all__ = [
     "mount_remote",
     "remote_only_keys",
     "run_shell",
-    "sync_remote_metadata",
 ]
 
 #: ``run_seaweed(..., extra_flags=UNTRUSTED_REMOTE_FLAGS)``: lets the cache read an origin on
@@ -168,13 +167,6 @@ def cache_remote(
 def remote_only_keys(cache: S3Server, local_bucket: str, prefix: str = "") -> list[str]:
     """Keys under ``prefix`` whose content the cache has not fetched yet (ETag ``""``)."""
     return _listing(cache, local_bucket, prefix)[1]
-
-
-def sync_remote_metadata(cache: S3Server, local_bucket: str) -> str:
-    """Pull the origin's current listing (``remote.meta.sync``): a changed object goes back to
-    remote-only, so follow with ``cache_remote`` before readers see it."""
-    _check_bucket(local_bucket)
-    return run_shell(cache, f"remote.meta.sync -dir=/buckets/{local_bucket}")
 
 
 def _listing(cache: S3Server, bucket: str, prefix: str) -> tuple[list[str], list[str]]:

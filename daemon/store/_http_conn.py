@@ -231,7 +231,8 @@ class Connection(asyncio.BufferedProtocol):
         self._dest, self._pos, self._want = dest, 0, len(dest)
         # Callbacks run outside the task's context: take the load's meter along now.
         self._meter = METER.get()
-        self._timing = TIMING.get()
+        # A CONNECT answer is not the range's first byte: the hedger must not see it.
+        self._timing = None if self._head_only else TIMING.get()
         self._expect_start = start
         self._in_body = False
         self._response = None
