@@ -18,7 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from tensorferry.daemon.config_keys import default
-from tensorferry.daemon.pacing import INTERVAL, MIN_HEDGE_SECONDS, SLOW
+from tensorferry.daemon.hedging import MIN_HEDGE_SECONDS, SLOW
+from tensorferry.daemon.pacing import INTERVAL
 from tensorferry.devtools.s3link import LinkShape
 
 Floats = npt.NDArray[np.float64]
@@ -44,6 +45,9 @@ class Params:
         "S3 per connection, LinkShape keys (devtools/s3link.py)",
     )
     nic_gbps: float = _field(200.0, "per-host NIC, Gb/s")
+    link_gbps: float = _field(
+        0.0, "the link rate the daemon sizes its first step for, Gb/s (0: the NIC's)"
+    )
     concurrency: int = _field(default("s3.concurrency"), "GETs in flight at a load's start")
     max_concurrency: int = _field(default("s3.max_concurrency"), "GETs in flight, at most")
     start_spread_s: float = _field(0.0, "hosts start uniformly within this many seconds")

@@ -4,11 +4,13 @@ What is modelled, per host: the daemon's range GETs as a fluid. A host with ``c`
 flight on a link with first-byte latency ``lat`` and ``r`` bytes/s per connection moves
 ``c * S / (lat + S / min(r, nic / c))`` bytes/s (S = the range size). ``c`` is the daemon's
 own pacing controller, ``tensorferry.daemon.pacing.Pace`` itself, sampled every INTERVAL
-from the host's bytes: 32 in flight, doubled while a step brings >= 30 % more, up to 256
-(or fewer when fewer ranges remain). Latency is the S3-like link of ``devtools/s3link.py``
-(lognormal first byte, a share of stalled responses), with stragglers hedged as
-``pacing.Hedger`` does (past max(0.5 s, 4 x p90) a range is asked again): the mean of that
-enters the rate, and the slowest of the last window of ranges enters the end of each load.
+from the host's bytes and 503s: 32 in flight, a jump at the first sample to what the NIC
+(``link_gbps``) needs, else doubled while a step brings >= 30 % more, up to 256 (or fewer
+when fewer ranges remain); halved by SlowDowns. Latency is the S3-like link of
+``devtools/s3link.py`` (lognormal first byte, a share of stalled responses), with
+stragglers hedged as ``hedging.Hedger`` does (past max(0.5 s, 4 x p90) a range is asked
+again): the mean of that enters the rate, and the slowest of the last window of ranges
+enters the end of each load.
 
 The origin: one S3 prefix (or ``prefixes``) admits ``prefix_rate`` GETs/s (a token bucket
 one second deep); the rest are answered 503 SlowDown. Each origin client keeps the daemon's
@@ -134,13 +136,21 @@ class Fleet:
         """The daemon's controller for host i, then the end of its load."""
         p, ranges = self.p, int(self.ranges[i])
         yield self.env.timeout(self.start[i])
-        pace = Pace(min(p.concurrency, ranges), min(max(p.max_concurrency, p.concurrency), ranges))
+        link_bps = (p.link_gbps or p.nic_gbps) * 1e9 / 8
+        pace = Pace(
+            min(p.concurrency, ranges), min(max(p.max_concurrency, p.concurrency), ranges),
+            link_bps=link_bps, started=self.env.now,
+        )  # fmt: skip
         steps = round(INTERVAL / p.dt)
-        while not pace.settled and not self.done[i].triggered:
+        # A settled pace still sheds on SlowDowns: sampled while there are some to shed and
+        # the host reads the origin (a tier answers no 503s).
+        while not self.done[i].triggered and not (
+            pace.settled and (pace.workers <= pace.start or not self.reads_origin[i])
+        ):
             for _ in range(steps):
                 yield self.tick | self.done[i]
             if not self.done[i].triggered:
-                self.w[i] = pace.sample(int(self.x[i]), self.env.now)
+                self.w[i] = pace.sample(int(self.x[i]), self.env.now, int(self.n503[i]))
         yield self.done[i]
         # The fluid runs at full rate to the end. A window whose ranges end at scattered
         # times empties over one range time instead (half of it more, on average); ranges

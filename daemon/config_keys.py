@@ -118,7 +118,9 @@ KEYS: tuple[Key, ...] = (
         "value at or below `concurrency` fixes it); also the connections per store host"),
     Key("s3", "target_rate", 0, parse_size, None,
         "bytes per second at which a load stops adding GETs in flight, e.g. `\"12GiB\"` for "
-        "a 100 Gb/s NIC", shown="none: grow while it pays"),
+        "a 100 Gb/s NIC; a load's first step jumps to the GETs this rate needs (unset: the "
+        "fastest NIC's reported speed, else 10 Gb/s, for that jump only)",
+        shown="none: grow while it pays"),
     Key("s3", "hedge", True, boolean, None,
         "ask again, on another connection, for a range far slower than the load's others "
         "(at most 5% of a load's ranges)"),

@@ -30,7 +30,8 @@ from typing import Any, Generic, TypeVar, cast
 import crc32c
 
 from tensorferry.daemon.config_keys import default
-from tensorferry.daemon.pacing import INTERVAL, Hedger, Pace, read_hedged
+from tensorferry.daemon.hedging import Hedger, read_hedged
+from tensorferry.daemon.pacing import INTERVAL, Pace
 from tensorferry.daemon.planner import Range
 from tensorferry.daemon.store.base import METER, BodyMeter, Store
 from tensorferry.daemon.tasks import task_group
@@ -48,7 +49,7 @@ _THREAD_CRC_BYTES = 1 << 20
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FetchPolicy:
     """How a load fetches: retries and deadlines, how far its GETs in flight may grow
-    (``pacing.Pace``) and whether stragglers are hedged (``pacing.Hedger``)."""
+    (``pacing.Pace``) and whether stragglers are hedged (``hedging.Hedger``)."""
 
     #: Attempts per range, the first included.
     attempts: int = default("s3.attempts")
@@ -63,6 +64,9 @@ class FetchPolicy:
     max_concurrency: int = default("s3.max_concurrency")
     #: Bytes per second at which growth stops (0: while it pays).
     target_rate: int = default("s3.target_rate")
+    #: Bytes per second the host's link is believed to carry (``daemon.link``): the first
+    #: step may jump to the GETs in flight it needs. 0: doubling only.
+    link_rate: float = 0.0
     hedge: bool = default("s3.hedge")
 
     def delay(self, attempt: int) -> float:
@@ -232,7 +236,10 @@ async def fetch_ranges(
     policy = policy or FetchPolicy()
     stats = FetchStats(started=time.monotonic())
     ceiling = min(max(policy.max_concurrency, concurrency), len(jobs))
-    pace = Pace(min(concurrency, len(jobs)), ceiling, float(policy.target_rate))
+    pace = Pace(
+        min(concurrency, len(jobs)), ceiling, float(policy.target_rate), policy.link_rate,
+        stats.started,
+    )  # fmt: skip
     shared = _Shared(
         iter(jobs), policy, _Budget(policy.budget + len(jobs) // 8), stats, pace,
         Hedger(len(jobs)) if policy.hedge else None, progress,
@@ -250,26 +257,40 @@ async def fetch_ranges(
 
 async def _run(store: Store, shared: _Shared, dest: Destination[J, S]) -> None:
     async with task_group() as tg:
-        started = 0
+        running: set[int] = set()
+
+        async def worker(index: int) -> None:
+            try:
+                await _worker(store, index, shared, dest)
+            finally:
+                running.discard(index)
 
         def grow(target: int) -> None:
-            nonlocal started
-            for index in range(started, target):
-                tg.create_task(_worker(store, index, shared, dest))
-            started = max(started, target)
+            # A worker past the target ends after its range; one that has ended is started
+            # again if the pace grows back past it (a jump taken back, then doubling).
+            for index in range(target):
+                if index not in running:
+                    running.add(index)
+                    tg.create_task(worker(index))
 
         grow(shared.pace.workers)
-        if shared.pace.ceiling > shared.pace.workers:
-            tg.create_task(_steer(shared, grow))
+        # Even a fixed number of GETs is sampled: SlowDowns shed them.
+        if shared.pace.workers > 1 or shared.pace.ceiling > 1:
+            tg.create_task(_steer(store.uri, shared, grow))
 
 
-async def _steer(shared: _Shared, grow: Callable[[int], None]) -> None:
-    """Sample the load's throughput and let the pace grow it, until it settles or the
-    jobs run out (then at once: a finished load must not wait for a sample)."""
-    while not shared.pace.settled:
+async def _steer(uri: str, shared: _Shared, grow: Callable[[int], None]) -> None:
+    """Sample the load's throughput and SlowDowns and let the pace grow or shed workers,
+    until the jobs run out (then at once: a finished load must not wait for a sample).
+    A settled pace is still sampled: SlowDowns may yet shed workers."""
+    while True:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(INTERVAL):
                 await shared.exhausted.wait()
         if shared.exhausted.is_set():
             return
-        grow(shared.pace.sample(max(shared.meter.bytes, shared.stats.bytes)))
+        meter = shared.meter
+        pace, before = shared.pace, shared.pace.workers
+        grow(pace.sample(max(meter.bytes, shared.stats.bytes), None, meter.slowdowns))
+        if pace.workers != before:
+            log.info("%s: %d -> %d GETs in flight (%s)", uri, before, pace.workers, pace.reason)

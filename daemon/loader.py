@@ -19,6 +19,7 @@ from tensorferry.daemon.config import Settings
 from tensorferry.daemon.cpu_load import Loaded, OnLanded
 from tensorferry.daemon.fetch import FetchPolicy
 from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
+from tensorferry.daemon.link import link_rate
 from tensorferry.daemon.model import Model, ModelKey
 from tensorferry.daemon.placement import place_plan
 from tensorferry.daemon.planner import Plan, make_plan
@@ -78,12 +79,15 @@ class Loader:
         #: Tensor names of recently read sources: selections are keyed by what they pick.
         self.names = TensorNames()
         s3 = settings.s3
+        #: What loads size their GETs in flight for.
+        self.link = link_rate(s3.target_rate)
         self.policy = FetchPolicy(
             attempts=s3.attempts,
             budget=s3.retry_budget,
             range_deadline=s3.range_deadline,
             max_concurrency=s3.max_concurrency,
             target_rate=s3.target_rate,
+            link_rate=self.link.bps,
             hedge=s3.hedge,
         )
 

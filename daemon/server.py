@@ -153,8 +153,9 @@ async def run_daemon(
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "tensorferry daemon %s serving on %s (arena instance %s, %d parallel GETs)",
-            os.getpid(), settings.socket, sink.instance, settings.s3.concurrency,
+            "tensorferry daemon %s serving on %s (arena instance %s, %d parallel GETs to "
+            "start, sized for a link of %s)", os.getpid(), settings.socket, sink.instance,
+            settings.s3.concurrency, loader.link.describe(),
         )  # fmt: skip
         on_ready()
         systemd.notify(f"READY=1\nSTATUS=serving on {settings.socket}")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tensorferry.daemon.pacing import MIN_HEDGE_SECONDS, SLOW, Hedger, Pace
+from tensorferry.daemon.hedging import MIN_HEDGE_SECONDS, SLOW, Hedger
+from tensorferry.daemon.link import LinkRate, link_rate
+from tensorferry.daemon.pacing import Pace
+from tensorferry.daemon.store._http_conn import LOWAT
 from tensorferry.daemon.store.base import GetTiming
 from tensorferry.daemon.store.throttle import MIN_PAUSE, BucketThrottle, Throttles
 from tensorferry.devtools.modelgen import write_model
@@ -78,6 +82,62 @@ def test_the_pace_does_not_grow_on_windows_in_which_nothing_arrived() -> None:
     assert pace.sample(250, 18.0) == 16  # 150 B/s against 100: it paid
 
 
+def test_the_first_step_jumps_to_what_the_links_rate_needs_and_is_judged_like_any_step() -> None:
+    # 32 GETs bring 40 MB/s in the load's first half second: 1.25 GB/s needs 1,000.
+    pace = Pace(start=32, ceiling=256, link_bps=1.25e9, started=10.0)
+    assert pace.sample(0, 10.5) == 32  # nothing yet (first bytes late): ask again
+    assert pace.sample(40_000_000, 11.0) == 256
+    pace.sample(40_000_000, 11.5)  # the new connections' first interval
+    assert pace.sample(140_000_000, 12.0) == 256  # 200 MB/s: it paid; the ceiling
+    assert pace.settled
+    # Where the jump did not pay (a store that throttles, a slower link than believed),
+    # back to the start, then doubling as without a jump.
+    back = Pace(start=32, ceiling=256, link_bps=1.25e9, started=10.0)
+    assert back.sample(20_000_000, 10.5) == 256
+    back.sample(20_000_000, 11.0)
+    assert back.sample(40_000_000, 11.5) == 32  # 40 MB/s: no better
+    assert not back.settled
+    back.sample(40_000_000, 12.0)  # the start again: not counted
+    assert back.sample(60_000_000, 12.5) == 64  # the first doubling is always taken
+    back.sample(70_000_000, 13.0)
+    assert back.sample(85_000_000, 13.5) == 32  # 30 MB/s against 40: taken back, settled
+    assert back.settled
+
+
+def test_no_jump_when_the_link_is_nearly_filled_or_unknown() -> None:
+    # Loopback: 32 GETs at 0.5 GB/s against a 1.25 GB/s link: 2.5x, doubling finds that.
+    near = Pace(start=32, ceiling=256, link_bps=1.25e9, started=10.0)
+    assert near.sample(250_000_000, 10.5) == 32
+    near.sample(500_000_000, 11.0)  # the load's start is still not counted
+    assert near.sample(750_000_000, 11.5) == 64  # the usual first step
+    unknown = Pace(start=32, ceiling=256, started=10.0)
+    assert unknown.sample(1_000, 10.5) == 32
+    # A jump never passes the ceiling (the model's ranges, max_concurrency).
+    few = Pace(start=4, ceiling=10, link_bps=1e9, started=0.0)
+    assert few.sample(1_000, 0.5) == 10
+
+
+def test_the_link_rate_is_the_config_then_the_fastest_nic_then_assumed(tmp_path: Path) -> None:
+    def nic(name: str, speed: str, state: str = "up", physical: bool = True) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "speed").write_text(speed + "\n")
+        (tmp_path / name / "operstate").write_text(state + "\n")
+        if physical:
+            (tmp_path / name / "device").mkdir()
+
+    assert link_rate(0, tmp_path) == LinkRate(
+        1.25e9, "assumed: no NIC reports its speed; [s3] target_rate sets it"
+    )
+    nic("lo", "100000", "unknown", physical=False)  # loopback: no device
+    nic("eth0", "-1")  # virtio: no speed
+    nic("eth1", "25000")
+    nic("eth2", "100000", state="down")
+    nic("eth3", "10000")
+    assert link_rate(0, tmp_path) == LinkRate(25e9 / 8, "eth1's reported speed")
+    assert link_rate(0, tmp_path).describe() == "25 Gb/s (eth1's reported speed)"
+    assert link_rate(3 << 30, tmp_path) == LinkRate(3 << 30, "[s3] target_rate")
+
+
 def test_a_hedge_needs_samples_and_a_share_of_the_ranges() -> None:
     hedger = Hedger(ranges=40)  # 5%: two hedges
     for _ in range(7):
@@ -97,6 +157,18 @@ def test_a_first_byte_hedge_needs_first_byte_samples() -> None:
         GetTiming(sent=1.0, on_first_byte=hedger.observe_first_byte).answered(1.03)  # quick heads
     assert hedger.deadline() == pytest.approx(20.0)
     assert hedger.first_byte_deadline() == MIN_HEDGE_SECONDS  # 4 x 30 ms is under the floor
+    # The median, not the tail: a busy store's late heads must not hide a stall of 2 s.
+    busy = Hedger(ranges=100)
+    for head in (0.3, 0.3, 0.3, 0.3, 0.3, 0.6, 0.6, 0.6, 0.6):
+        GetTiming(sent=1.0, on_first_byte=busy.observe_first_byte).answered(1.0 + head)
+    assert busy.first_byte_deadline() == pytest.approx(4 * 0.3)
+    # Many GETs late at once is congestion, not a straggler: no first-byte hedge then.
+    busy.live = {GetTiming(sent=1.0, first_byte=1.3) for _ in range(9)}
+    busy.live |= {GetTiming(sent=1.0) for _ in range(3)}
+    busy.live |= {GetTiming(sent=3.0) for _ in range(20)}  # a burst just sent: not judged
+    assert not busy.crowded(1.2, now=3.1)  # 3 of 12 late: stalled answers, hedged
+    busy.live.add(GetTiming(sent=1.0))
+    assert busy.crowded(1.2, now=3.1)  # 4 of 13: more than a quarter
     unsent = Hedger(ranges=100)
     for _ in range(8):
         unsent.observe(5.0)
@@ -209,12 +281,57 @@ def test_gets_in_flight_grow_when_each_connection_is_slow(
         with client.load(uri) as model:
             assert len(model.tensors) > 0
         [record] = client.status().recent_loads
-        # Two connections would give 8 MB/s; each step added throughput, so it grew.
-        assert record.workers >= 6, record
+        # Two connections give 8 MB/s of the 1.25 GB/s assumed for this host's link (its
+        # NIC reports no speed): the first step jumps to the ceiling, and it paid.
+        assert record.workers == 24, record
         assert record.hedges == 0
         del model
         assert_clean(d)
+        log = d.log.read_text()
     assert proxy.stats().requests[Kind.DATA_GET] >= 40
+    assert re.search(
+        rf"{re.escape(uri)}: 2 -> 24 GETs in flight \(a jump: [\d.]+ MB/s from 2 GETs, the "
+        r"link takes 1250 MB/s\)", log), log  # fmt: skip
+
+
+def test_slowdowns_halve_the_gets_in_flight(s3: S3Server, tmp_path: Path, prefix: str) -> None:
+    write_model(tmp_path / "m", 24 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+    lock, ranges = threading.Lock(), []
+
+    def throttled(req: RequestInfo) -> Fault | None:
+        first, last = map(int, req.headers.get("range", "bytes=0-0")[6:].split("-"))
+        if req.kind is not Kind.DATA_GET or last - first + 1 < 1 << 20:
+            return None  # headers: the load's plan, not its ranges
+        with lock:
+            ranges.append(first)
+            n = len(ranges)
+        # 4 MB/s per connection, and a throttled prefix's answer to four GETs at once.
+        return Fault(status=503, s3_code="SlowDown") if 5 <= n <= 8 else Fault(trickle=0.016)
+
+    # Four GETs at 4 MB/s each jump to the ceiling of eight (the link is believed to take
+    # 1.25 GB/s), unless the store has said no by then; either way it says no before long.
+    config = 'chunk_size = "1MiB"\nconcurrency = 4\nmax_concurrency = 8'
+    record, _ = load_once(s3, uri, throttled, config)
+    assert (record.outcome, record.retries) == ("ready", 4)
+    assert record.workers == 4  # half the GETs in flight, not below the start, no growth
+
+
+def test_bytes_the_kernel_gathers_on_a_slow_connection_are_no_idle_store(
+    s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    write_model(tmp_path / "m", 2 << 20, layer_bytes=1 << 20)
+    uri = upload(s3, tmp_path / "m", prefix)
+
+    def slow(req: RequestInfo) -> Fault | None:
+        return Fault(trickle=0.25) if req.kind is Kind.DATA_GET else None
+
+    # 64 KiB every 0.25 s: each comes within the read timeout, but the kernel takes a second
+    # to gather LOWAT (256 KiB) before it wakes the daemon: twice the timeout.
+    assert LOWAT == 256 << 10
+    config = 'chunk_size = "1MiB"\nconcurrency = 2\nmax_concurrency = 2\nread_timeout = 0.5'
+    record, _ = load_once(s3, uri, slow, config)
+    assert (record.outcome, record.retries) == ("ready", 0), record
 
 
 def test_a_slowdown_pauses_the_buckets_next_get(s3: S3Server, tmp_path: Path, prefix: str) -> None:

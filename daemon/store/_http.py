@@ -121,6 +121,7 @@ class HttpPool:
                 conn.transport = await loop.start_tls(
                     conn.transport, conn, self._tls(), server_hostname=route.host
                 )
+            conn.encrypted()
         except BaseException:
             if conn.transport is not None:
                 conn.transport.abort()

@@ -50,6 +50,8 @@ class BodyMeter:
     they arrive (``METER`` names the load's meter in its fetch workers' context)."""
 
     bytes: int = 0
+    #: 503 SlowDowns the load's GETs got: the store, not the link, is the limit.
+    slowdowns: int = 0
 
 
 METER: contextvars.ContextVar[BodyMeter | None] = contextvars.ContextVar(
@@ -57,7 +59,7 @@ METER: contextvars.ContextVar[BodyMeter | None] = contextvars.ContextVar(
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # one GET's: kept in sets by identity
 class GetTiming:
     """When one range's GET went out and when its first byte came back (monotonic), set
     by the HTTP connection for the hedger: a GET with no answer long after it was sent is

@@ -18,7 +18,7 @@ from typing import Any
 from tensorferry import env
 from tensorferry.daemon.config import S3Settings
 from tensorferry.daemon.store._http import HttpError, HttpPool, transport_error
-from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.store.base import METER, ObjectInfo, Store
 from tensorferry.daemon.store.proxy import ProxyChooser, ProxyFailed
 from tensorferry.daemon.store.throttle import Throttles
 from tensorferry.errors import (
@@ -245,6 +245,8 @@ class S3Store(Store):
             self._urls.pop(obj.key, None)  # a 403 after a key rotation: sign anew next time
             if isinstance(exc, HttpError) and exc.status == 503:
                 throttle.slow_down()
+                if (meter := METER.get()) is not None:
+                    meter.slowdowns += 1
             raise self.backend.translate(what, self.bucket, exc) from exc
         throttle.ok()
 
