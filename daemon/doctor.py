@@ -15,8 +15,10 @@ import socket
 import stat
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 from tensorferry.daemon.config import Settings
+from tensorferry.daemon.link import ASSUMED, SYS_NET, link_rate
 from tensorferry.daemon.sinks.cpu_shm import mem_available
 
 Report = Callable[[str, str, str], None]  # level, what, fix
@@ -117,6 +119,16 @@ async def _check_sources(settings: Settings, report: Report) -> None:
                 report("ok", f"allowlist {entry}: listable with the daemon's credentials", "")
 
 
+def check_link(settings: Settings, report: Report, sys_net: Path = SYS_NET) -> None:
+    link = link_rate(settings.s3.target_rate, sys_net)
+    what = f"link: {link.describe()}"
+    if link.bps == ASSUMED and not settings.s3.target_rate:
+        report("warn", what, "set [s3] target_rate to what this host's network carries (e.g. "
+               '"11GiB" for 100 Gb/s): loads size their GETs in flight for it')  # fmt: skip
+    else:
+        report("ok", what, "")
+
+
 def run(settings: Settings, print_line: Callable[[str], None] = print) -> int:
     failures = 0
 
@@ -128,6 +140,7 @@ def run(settings: Settings, print_line: Callable[[str], None] = print) -> int:
     check_memlock(report)
     check_shm(settings, report)
     check_gpus(report)
+    check_link(settings, report)
     check_socket(settings, report)
     asyncio.run(_check_sources(settings, report))
     return 1 if failures else 0

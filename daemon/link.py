@@ -21,10 +21,10 @@ SYS_NET = Path("/sys/class/net")
 @dataclasses.dataclass(frozen=True)
 class LinkRate:
     bps: float  # bytes per second
-    source: str  # where the figure came from, for the start-up log and `doctor`
+    source: str  # where the figure came from, for the start-up log and `tensorferry doctor`
 
     def describe(self) -> str:
-        return f"{self.bps * 8 / 1e9:g} Gb/s ({self.source})"
+        return f"{self.bps * 8 / 1e9:.3g} Gb/s ({self.source})"
 
 
 def _read(path: Path) -> str | None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tensorferry.daemon.config import S3Settings, Settings
+from tensorferry.daemon.doctor import check_link
 from tensorferry.daemon.hedging import MIN_HEDGE_SECONDS, SLOW, Hedger
 from tensorferry.daemon.link import LinkRate, link_rate
 from tensorferry.daemon.pacing import Pace
@@ -136,6 +138,18 @@ def test_the_link_rate_is_the_config_then_the_fastest_nic_then_assumed(tmp_path:
     assert link_rate(0, tmp_path) == LinkRate(25e9 / 8, "eth1's reported speed")
     assert link_rate(0, tmp_path).describe() == "25 Gb/s (eth1's reported speed)"
     assert link_rate(3 << 30, tmp_path) == LinkRate(3 << 30, "[s3] target_rate")
+
+
+def test_doctor_says_what_loads_are_sized_for(tmp_path: Path) -> None:
+    lines: list[tuple[str, str, str]] = []
+    check_link(Settings(), lambda *line: lines.append(line), tmp_path)  # no NIC reports
+    check_link(Settings(s3=S3Settings(target_rate=11 << 30)), lambda *line: lines.append(line))
+    assert lines == [
+        ("warn", "link: 10 Gb/s (assumed: no NIC reports its speed; [s3] target_rate sets it)",
+         'set [s3] target_rate to what this host\'s network carries (e.g. "11GiB" for 100 '
+         "Gb/s): loads size their GETs in flight for it"),
+        ("ok", "link: 94.5 Gb/s ([s3] target_rate)", ""),
+    ]  # fmt: skip
 
 
 def test_a_hedge_needs_samples_and_a_share_of_the_ranges() -> None:
