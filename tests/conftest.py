@@ -23,7 +23,9 @@ import torch
 
 from tensorferry.client import Client
 from tensorferry.devtools.daemon import serve_argv, spawn_daemon, wait_serving, write_config
+from tensorferry.devtools.proxy import CountingProxy, FaultHook, Kind
 from tensorferry.devtools.seaweed import S3Server, run_seaweed
+from tensorferry.v1 import tensorferry_pb2 as pb
 
 BUCKET = "models"
 MISSING_BUCKET = "no-such-bucket"
@@ -210,3 +212,19 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached within {timeout} s: {what}")
         time.sleep(0.02)
+
+
+def load_once(s3: S3Server, uri: str, hook: FaultHook, config: str) -> tuple[pb.LoadRecord, int]:
+    """One cold load through a CountingProxy with ``hook``: its record, and the data GETs
+    the proxy saw."""
+    with (
+        CountingProxy(s3.endpoint, fault=hook) as proxy,
+        running_daemon(daemon_env(s3, proxy.endpoint), allow=[uri], s3_config=config) as d,
+        d.client() as client,
+    ):
+        with client.load(uri) as model:
+            assert not model.attached
+        [record] = client.status().recent_loads
+        del model
+        assert_clean(d)
+    return record, proxy.stats().requests[Kind.DATA_GET]
