@@ -226,16 +226,16 @@ def test_slowdowns_halve_the_gets_in_flight(s3: S3Server, tmp_path: Path, prefix
 def test_bytes_the_kernel_gathers_on_a_slow_connection_are_no_idle_store(
     s3: S3Server, tmp_path: Path, prefix: str
 ) -> None:
-    write_model(tmp_path / "m", 2 << 20, layer_bytes=1 << 20)
+    write_model(tmp_path / "m", 8 << 20, layer_bytes=4 << 20)
     uri = upload(s3, tmp_path / "m", prefix)
 
     def slow(req: RequestInfo) -> Fault | None:
-        return Fault(trickle=0.25) if req.kind is Kind.DATA_GET else None
+        return Fault(trickle=0.05) if req.kind is Kind.DATA_GET else None
 
-    # 64 KiB every 0.25 s: each comes within the read timeout, but the kernel takes a second
-    # to gather LOWAT (256 KiB) before it wakes the daemon: twice the timeout.
-    assert LOWAT == 256 << 10
-    config = 'chunk_size = "1MiB"\nconcurrency = 2\nmax_concurrency = 2\nread_timeout = 0.5'
+    # 64 KiB every 0.05 s: each comes within the read timeout, but the kernel takes 0.8 s to
+    # gather LOWAT (1 MiB of a 4 MiB range) before it wakes the daemon: past the timeout.
+    assert LOWAT == 1 << 20
+    config = 'chunk_size = "4MiB"\nconcurrency = 2\nmax_concurrency = 2\nread_timeout = 0.5'
     record, _ = load_once(s3, uri, slow, config)
     assert (record.outcome, record.retries) == ("ready", 0), record
 
