@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tensorferry.daemon.config import Settings
-from tensorferry.daemon.link import ASSUMED, SYS_NET, link_rate
+from tensorferry.daemon.link import SYS_NET, link_rate
 from tensorferry.daemon.sinks.cpu_shm import mem_available
 
 Report = Callable[[str, str, str], None]  # level, what, fix
@@ -122,7 +122,7 @@ async def _check_sources(settings: Settings, report: Report) -> None:
 def check_link(settings: Settings, report: Report, sys_net: Path = SYS_NET) -> None:
     link = link_rate(settings.s3.target_rate, sys_net)
     what = f"link: {link.describe()}"
-    if link.bps == ASSUMED and not settings.s3.target_rate:
+    if link.assumed:
         report("warn", what, "set [s3] target_rate to what this host's network carries (e.g. "
                '"11GiB" for 100 Gb/s): loads size their GETs in flight for it')  # fmt: skip
     else:

@@ -22,6 +22,8 @@ SYS_NET = Path("/sys/class/net")
 class LinkRate:
     bps: float  # bytes per second
     source: str  # where the figure came from, for the start-up log and `tensorferry doctor`
+    #: Neither the config nor a NIC said (a NIC at exactly 10 Gb/s is no assumption).
+    assumed: bool = dataclasses.field(default=False, compare=False)
 
     def describe(self) -> str:
         return f"{self.bps * 8 / 1e9:.3g} Gb/s ({self.source})"
@@ -60,5 +62,5 @@ def link_rate(target_rate: int, sys_net: Path = SYS_NET) -> LinkRate:
     if target_rate > 0:
         return LinkRate(float(target_rate), "[s3] target_rate")
     return nic_rate(sys_net) or LinkRate(
-        ASSUMED, "assumed: no NIC reports its speed; [s3] target_rate sets it"
+        ASSUMED, "assumed: no NIC reports its speed; [s3] target_rate sets it", assumed=True
     )
