@@ -77,16 +77,17 @@ def attach_model(
 
 
 def map_or_end(
-    grant: pb.Ready | pb.Arena, target: CudaTarget | None, end_lease: Callable[[], None]
-) -> torch.Tensor:
-    """The flat tensor over the granted arena; ``end_lease`` runs when it and every view
-    of it are gone, or at once if mapping fails."""
+    grant: pb.Ready | pb.Arena, target: CudaTarget | None, end_lease: Callable[[], None],
+    fd: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The flat tensor over the granted arena (``fd``: its CPU segment, already open);
+    ``end_lease`` runs when it and every view of it are gone, or at once if mapping fails."""
     # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
     from tensorferry.client._cuda import MappingStillOpen
     from tensorferry.client._views import map_grant
 
     try:
-        return map_grant(grant, target, end_lease)
+        return map_grant(grant, target, end_lease, fd)
     except MappingStillOpen:
         raise  # the daemon must not free memory this process may still map
     except BaseException:

@@ -9,6 +9,7 @@ and an older daemon that does not stream: the same) and becomes a `LoadedModel`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -41,15 +42,17 @@ class Assembler:
         self._lease_end: Callable[[], str | None] = lambda: None
         self._flat: torch.Tensor | None = None
         self._given: set[int] = set()
+        #: The arena event named a segment that was not there (see `_map_early`).
+        self._missing = False
         self.model: LoadedModel | None = None
 
     def feed(self, event: pb.LoadEvent) -> list[Pair]:
         ready = self._stream.feed(event)
         kind = event.WhichOneof("event")
         if kind == "arena":
-            self._map(event.arena)
+            self._map_early(event.arena)
         elif kind == "landed":
-            return self._views(event.landed.tensors)
+            return [] if self._missing else self._views(event.landed.tensors)
         if ready is None:
             return []
         if self._flat is None:
@@ -63,11 +66,38 @@ class Assembler:
         self._flat = None
         return rest
 
-    def _map(self, grant: pb.Arena | pb.Ready) -> None:
+    def _map_early(self, arena: pb.Arena) -> None:
+        """Map the arena of a load still fetching, if its segment is still there.
+
+        The daemon removes that segment when the load is evicted or fails, maybe before
+        this event is read: a missing segment is told from one this process cannot see
+        by the stream's end, which is then the load's error, or a ready event whose
+        segment is missing too (mapped, and refused, as a plain load's is). Until then
+        the call stays open: no lease is taken, so nothing ends it.
+        """
+        if self._flat is not None or self._missing:
+            return
+        fd = None
+        if arena.WhichOneof("grant") == "cpu_shm":
+            from tensorferry.client._views import open_segment
+
+            try:
+                fd = open_segment(arena.cpu_shm)
+            except FailedPrecondition:
+                self._missing = True
+                return
+        self._map(arena, fd)
+
+    def _map(self, grant: pb.Arena | pb.Ready, fd: int | None = None) -> None:
         if self._flat is not None:
             return
-        end_lease, self._lease_end = self._lease()
-        self._flat = map_or_end(grant, self._target, end_lease)
+        try:
+            end_lease, self._lease_end = self._lease()
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._flat = map_or_end(grant, self._target, end_lease, fd)
 
     def _views(self, indexes: Any) -> list[Pair]:
         if self._flat is None:

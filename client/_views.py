@@ -31,32 +31,43 @@ SHM_DIR = Path("/dev/shm")
 
 
 def map_grant(
-    ready: pb.Ready | pb.Arena, target: CudaTarget | None, on_last_view: Callable[[], None]
-) -> torch.Tensor:
-    """The flat uint8 tensor over the arena a Ready (or Arena) event grants (CPU or GPU)."""
+    ready: pb.Ready | pb.Arena, target: CudaTarget | None, on_last_view: Callable[[], None],
+    fd: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The flat uint8 tensor over the arena a Ready (or Arena) event grants (CPU or GPU);
+    ``fd``: the CPU segment, already opened (`open_segment`)."""
     if ready.WhichOneof("grant") == "cuda_ipc":
         from tensorferry.client._cuda import import_arena
 
         return import_arena(ready.cuda_ipc, target, on_last_view)
-    return map_cpu_arena(ready.cpu_shm, on_last_view)
+    return map_cpu_arena(ready.cpu_shm, on_last_view, fd)
 
 
-def map_cpu_arena(grant: pb.CpuShmGrant, on_last_view: Callable[[], None]) -> torch.Tensor:
-    """One flat uint8 tensor over the segment; ``on_last_view`` runs when it and every
-    view of it are gone (that is when the worker may drop its lease).
-
-    The mapping is private (copy-on-write) over a read-only descriptor: a worker that
-    writes into a tensor changes its own copy of that page, never the shared model.
-    """
+def open_segment(grant: pb.CpuShmGrant) -> int:
+    """A read-only descriptor of the granted segment; FailedPrecondition if it is not there."""
     if "/" in grant.name or not grant.name:
         raise InvalidArtifact(f"the daemon sent an invalid segment name {grant.name!r}")
     try:
-        fd = os.open(SHM_DIR / grant.name, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(SHM_DIR / grant.name, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FailedPrecondition(
             f"shared-memory segment {grant.name} is not visible to this process: the worker "
             "must share /dev/shm (and the IPC namespace) with the daemon"
         ) from None
+
+
+def map_cpu_arena(
+    grant: pb.CpuShmGrant, on_last_view: Callable[[], None], fd: int | None = None
+) -> torch.Tensor:
+    """One flat uint8 tensor over the segment (``fd``, else opened here; closed either
+    way); ``on_last_view`` runs when it and every view of it are gone (that is when the
+    worker may drop its lease).
+
+    The mapping is private (copy-on-write) over a read-only descriptor: a worker that
+    writes into a tensor changes its own copy of that page, never the shared model.
+    """
+    if fd is None:
+        fd = open_segment(grant)
     try:
         mapping = mmap.mmap(fd, grant.size, flags=mmap.MAP_PRIVATE,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip

@@ -8,6 +8,7 @@ keeping any trailing metadata the handler set (a lease's end reason).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import inspect
@@ -99,6 +100,32 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
         log.exception("internal error", exc_info=exc)
     context.set_trailing_metadata(tuple(context.trailing_metadata() or ()) + trailers)
     await context.abort(code, details)
+
+
+class OpenCalls:
+    """Calls until their final status is sent (gRPC's done callback, after the status)."""
+
+    def __init__(self) -> None:
+        self._open: set[grpc.aio.ServicerContext[Any, Any]] = set()
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def track(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._open.add(context)
+        self._none.clear()
+        # grpc-stubs declare the callback a class of its own, not a callable's protocol.
+        context.add_done_callback(self._done)  # type: ignore[arg-type]
+
+    def _done(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._open.discard(context)
+        if not self._open:
+            self._none.set()
+
+    async def ended(self, timeout: float) -> None:
+        """Until every tracked call has sent its status, or ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._none.wait()
 
 
 class Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

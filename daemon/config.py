@@ -48,7 +48,8 @@ class S3Settings:
     attempts: int = default("s3.attempts")
     retry_budget: int = default("s3.retry_budget")
     range_deadline: float = default("s3.range_deadline")
-    proxy: str | None = default("s3.proxy")
+    #: Out of repr: the URL may carry credentials (messages show ``proxy.redact``ed text).
+    proxy: str | None = dataclasses.field(default=default("s3.proxy"), repr=False)
     proxy_fallback: bool = default("s3.proxy_fallback")
     headers: Headers = dataclasses.field(default=default("s3.headers"))
     ca_bundle: Path | None = dataclasses.field(default=default("s3.ca_bundle"))

@@ -46,7 +46,7 @@ from tensorferry.daemon.config_values import (
     strings,
     text,
 )
-from tensorferry.daemon.store.proxy import proxy_rule
+from tensorferry.daemon.store.proxy import proxy_rule, proxy_text
 from tensorferry.errors import ConfigError
 
 MiB = 1 << 20
@@ -124,7 +124,7 @@ KEYS: tuple[Key, ...] = (
     Key("s3", "hedge", True, boolean, None,
         "ask again, on another connection, for a range far slower than the load's others "
         "(at most 5% of a load's ranges)"),
-    Key("s3", "proxy", None, optional_text, proxy_rule,
+    Key("s3", "proxy", None, proxy_text, proxy_rule,
         "forward proxy for range GETs and store calls, `http://[user:pass@]host:port` "
         "(https stores through CONNECT); `\"off\"`: none even where the environment names one",
         shown="`$HTTPS_PROXY` / `$HTTP_PROXY`, less `$NO_PROXY`"),

@@ -7,7 +7,8 @@ exponential backoff and jitter, within a per-range attempt limit and a per-load 
 budget; any other error, or an exhausted budget, cancels the rest.
 
 A range that carries chunk checksums (a prepared artifact) is verified in place once it
-has landed; a mismatch is read again, and one that persists is corrupt at rest.
+has landed; a mismatch is read again (a retry, from the same budget), and one that
+persists is corrupt at rest.
 
 Both load paths share this one worker; a ``Destination`` says where each range lands: its
 own slice of a shared-memory arena (the CPU path, ``cpu_load``), or a pinned ring slot
@@ -35,6 +36,7 @@ from tensorferry.daemon.pacing import INTERVAL, Pace
 from tensorferry.daemon.planner import Range
 from tensorferry.daemon.store.base import METER, BodyMeter, Store
 from tensorferry.daemon.tasks import task_group
+from tensorferry.daemon.threads import run_to_end
 from tensorferry.errors import DataLoss, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,15 @@ class FetchStats:
     workers: int = 0  # GETs in flight the load settled on
 
 
+def gave_up(detail: str, attempt: int, policy: FetchPolicy) -> str:
+    """The message of a read that is not tried again: why, unless nothing was to be retried."""
+    if attempt >= policy.attempts == 1:
+        return detail  # [s3] attempts = 1: the first error is the whole story
+    reason = "attempts" if attempt >= policy.attempts else "the load's retry budget"
+    tries = f"{attempt} attempt" + ("s" if attempt != 1 else "")
+    return f"{detail} (gave up after {tries}; {reason} exhausted)"
+
+
 def _cause(exc: BaseException) -> str:
     message = str(exc)
     for marker in ("Content-Range", "Content-Length", "timed out", "HTTP 5", "Connection"):
@@ -109,7 +120,8 @@ def _first_bad_chunk(r: Range, dest: memoryview) -> tuple[int, int] | None:
 
 async def _verify(r: Range, dest: memoryview) -> tuple[int, int] | None:
     if r.length >= _THREAD_CRC_BYTES:
-        return await asyncio.to_thread(_first_bad_chunk, r, dest)
+        # Waited for even when cancelled: dest may be unmapped or reused once we return.
+        return await run_to_end(lambda _stop: _first_bad_chunk(r, dest))
     return _first_bad_chunk(r, dest)
 
 
@@ -129,11 +141,8 @@ async def _fetch_one(
             attempt += 1
             what = f"{store.describe(r.obj)} bytes {r.start}-{r.start + r.length - 1}"
             if attempt >= policy.attempts or budget.left <= 0:
-                reason = "attempts" if attempt >= policy.attempts else "the load's retry budget"
                 detail = exc.message if isinstance(exc, StoreUnavailable) else f"{what}: {exc}"
-                raise StoreUnavailable(
-                    f"{detail} (gave up after {attempt} attempts; {reason} exhausted)"
-                ) from exc
+                raise StoreUnavailable(gave_up(detail, attempt, policy)) from exc
             budget.left -= 1
             stats.retries += 1
             stats.causes[_cause(exc)] += 1
@@ -145,15 +154,24 @@ async def _fetch_one(
             return
         mismatches += 1
         at, length = r.start + bad[0], bad[1]
+        store.forget(r.obj, r.start, r.length)  # a disk tier must not serve them again
+        chunk = f"{store.describe(r.obj)}: the chunk at byte {at} ({length} bytes)"
         if mismatches >= CHECKSUM_READS:
             raise DataLoss(
-                f"{store.describe(r.obj)}: the chunk at byte {at} ({length} bytes) failed its "
-                f"crc32c check {mismatches} times: the stored artifact is corrupt; run "
-                "`tensorferry prepare` again to rewrite it"
+                f"{chunk} failed its crc32c check {mismatches} times: the stored artifact is "
+                "corrupt; run `tensorferry prepare` again to rewrite it"
             )
+        if budget.left <= 0:  # a path corrupting every range must not read each 3 times
+            raise DataLoss(
+                f"{chunk} failed its crc32c check and the load's retry budget is exhausted "
+                f"({stats.retries} retried, {stats.causes['checksum']} of them after a failed "
+                "check): bytes arrive corrupted, so check the path to the store (a proxy or "
+                "cache on the way, the network) and load again; run `tensorferry prepare` "
+                "again if the stored artifact itself is corrupt"
+            )
+        budget.left -= 1
         stats.retries += 1
         stats.causes["checksum"] += 1
-        store.forget(r.obj, r.start, r.length)  # a disk tier must not serve them again
         log.warning("%s: chunk at byte %d failed its checksum; reading it again",
                     store.describe(r.obj), at)  # fmt: skip
 

@@ -15,6 +15,7 @@ store that is slow everywhere gets no extra load from it.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import cast
 
@@ -39,19 +40,58 @@ CROWD_FLOOR = 2
 
 
 class _Quantile:
-    """A quantile of a load's samples, recomputed on a thinning schedule."""
+    """A quantile of a load's samples from a histogram of log-spaced buckets.
+
+    Bounded work per sample, whatever the load's length: a sample costs a logarithm and a
+    Fenwick-tree update (log2 of the bucket count, 9 steps), a read after new samples the
+    same again; memory is fixed. Sorting every sample so far, as before, cost 12.8 CPU-s
+    of the loop over 40k ranges. The value is the largest sample seen in the bucket that
+    holds the exact quantile: at most ``RATIO`` times the exact one, never below it, and
+    exact while a load's times take few distinct values.
+    """
+
+    #: Buckets cover [LOW, LOW * RATIO**BUCKETS): 100 us to 14 hours; outliers are clamped.
+    LOW = 1e-4
+    RATIO = 1.04
+    BUCKETS = 512  # a power of two: the tree's search halves it
 
     def __init__(self, q: float) -> None:
         self.q = q
-        self.samples: list[float] = []
-        self.value = 0.0
+        self.count = 0
+        self._tree = [0] * (self.BUCKETS + 1)  # Fenwick tree of bucket counts, 1-based
+        self._top = [0.0] * self.BUCKETS  # the largest sample in each bucket
+        self._value = 0.0
+        self._stale = False
 
     def add(self, seconds: float) -> None:
-        self.samples.append(seconds)
-        n = len(self.samples)
-        if n >= MIN_SAMPLES and (n <= 64 or n % 16 == 0):
-            ordered = sorted(self.samples)
-            self.value = ordered[min(n - 1, int(n * self.q))]
+        b = 0
+        if seconds > self.LOW:
+            b = int(min(math.log(seconds / self.LOW) / _LOG_RATIO, self.BUCKETS - 1))
+        if seconds > self._top[b]:
+            self._top[b] = seconds
+        i = b + 1
+        while i <= self.BUCKETS:
+            self._tree[i] += 1
+            i += i & -i
+        self.count += 1
+        self._stale = True
+
+    @property
+    def value(self) -> float:
+        if self._stale:
+            self._stale = False
+            rank = min(self.count - 1, int(self.count * self.q))  # 0-based, as sorted()[rank]
+            pos, step = 0, self.BUCKETS
+            while step:  # the first bucket whose running count passes ``rank``
+                if self._tree[pos + step] <= rank:
+                    pos += step
+                    rank -= self._tree[pos]
+                step >>= 1
+            self._value = self._top[pos]
+        return self._value
+
+
+_LOG_RATIO = math.log(_Quantile.RATIO)
 
 
 class Hedger:
@@ -76,7 +116,7 @@ class Hedger:
         self._first.add(seconds)
 
     def _limit(self, quantile: _Quantile) -> float | None:
-        if len(quantile.samples) < MIN_SAMPLES or self.hedged >= self.allowed:
+        if quantile.count < MIN_SAMPLES or self.hedged >= self.allowed:
             return None
         return max(MIN_HEDGE_SECONDS, quantile.value * SLOW)
 

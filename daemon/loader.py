@@ -22,11 +22,11 @@ from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
 from tensorferry.daemon.link import link_rate
 from tensorferry.daemon.model import Model, ModelKey
 from tensorferry.daemon.placement import place_plan
-from tensorferry.daemon.planner import Plan, make_plan
+from tensorferry.daemon.planner import Plan, plan_load
 from tensorferry.daemon.planner_prepared import (
     check_unsharded,
     is_prepared,
-    plan_prepared,
+    plan_manifest,
     read_manifest,
 )
 from tensorferry.daemon.records import LoadRecord, RecentLoads
@@ -121,18 +121,20 @@ class Loader:
         try:
             store = self.open(ref)
             return weights_id(store.uri, await list_source(ref, store))
-        except TensorferryError:
+        except (TensorferryError, OSError):
+            # Not listable: no resident model can be its, and Evict says so (NOT_FOUND),
+            # never INTERNAL with the reason.
             return ""
 
     async def _read_source(self, ref: SourceRef, store: Store, listing: list[ObjectInfo]) -> Source:
         limit = self.settings.limits.max_tensors
-        source = await read_source(ref, store, listing, max_tensors=limit)
+        source = await read_source(ref, store, listing, max_tensors=limit, policy=self.policy)
         weights = (weights_id(store.uri, listing), weights_version(listing))
-        self.names.remember(weights, (t.name for _, header in source.files for t in header.tensors))
+        self.names.remember(weights, source.names())
         return source
 
     async def _read_manifest(self, store: Store, listing: list[ObjectInfo]) -> Prepared:
-        prepared = await read_manifest(store, listing)
+        prepared = await read_manifest(store, listing, self.policy)
         weights = (weights_id(store.uri, listing), weights_version(listing))
         self.names.remember(weights, (t.name for t in prepared[0].tensors))
         return prepared
@@ -142,14 +144,14 @@ class Loader:
         if is_prepared(target.listing):
             if not isinstance(source, tuple):
                 source = await self._read_manifest(target.store, target.listing)
-            return plan_prepared(
+            return await plan_manifest(
                 *source, target.ref.uri, chunk_size=chunk, select=target.select,
                 rank=key.rank, world_size=key.world_size,
             )  # fmt: skip
         check_unsharded(target.ref.uri, key.world_size)
         if not isinstance(source, Source):
             source = await self._read_source(target.ref, target.store, target.listing)
-        return make_plan(source, chunk, target.select)
+        return await plan_load(source, chunk, target.select)
 
     async def load(self, target: Target, model: Model) -> tuple[Loaded, ...]:
         """The cold load of ``model`` and its fan-out models (one fetch for all): one
@@ -190,7 +192,8 @@ class Loader:
             LoadRecord(
                 uri, "ready", plan_done - t0, (st.first_byte or end) - t0,
                 st.finished - st.started, end - t0, st.bytes,
-                retries=st.retries, retry_causes=tuple(sorted(st.causes.items())),
+                retries=st.retries + plan.read_retries.total(),
+                retry_causes=tuple(sorted((st.causes + plan.read_retries).items())),
                 hedges=st.hedges, workers=st.workers,
             )
         )  # fmt: skip

@@ -7,9 +7,22 @@ chunks' checksums, which the fetch stage verifies as the bytes land.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import operator
+from typing import TYPE_CHECKING
 
-from tensorferry.daemon.planner import ARENA_ALIGN, Plan, PlannedTensor, Range, align_up, selector
+from tensorferry.daemon.planner import (
+    ARENA_ALIGN,
+    STEP,
+    Plan,
+    PlannedTensor,
+    Range,
+    align_up,
+    selector,
+)
+from tensorferry.daemon.reads import Reads
+from tensorferry.daemon.steps import Steps, at_once, stepwise
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.errors import InvalidArtifact, InvalidRequest
 from tensorferry.format.decode import decode_manifest
@@ -19,6 +32,9 @@ from tensorferry.format.manifest import (
     Manifest,
     Slice,
 )
+
+if TYPE_CHECKING:
+    from tensorferry.daemon.fetch import FetchPolicy
 
 
 def is_prepared(listing: list[ObjectInfo]) -> bool:
@@ -37,9 +53,10 @@ def check_unsharded(uri: str, world_size: int) -> None:
 
 
 async def read_manifest(
-    store: Store, listing: list[ObjectInfo]
+    store: Store, listing: list[ObjectInfo], policy: FetchPolicy | None = None
 ) -> tuple[Manifest, tuple[ObjectInfo, ...]]:
-    """The validated manifest and the store's object for each of its data objects."""
+    """The validated manifest and the store's object for each of its data objects; its
+    read is retried under ``policy`` as data ranges are."""
     by_name = {o.key: o for o in listing}
     obj = by_name[MANIFEST_NAME]
     what = store.describe(obj)
@@ -48,8 +65,9 @@ async def read_manifest(
             f"{what} has {obj.size} bytes, more than a manifest may have "
             f"({MAX_MANIFEST_BYTES}); it is not a tensorferry manifest"
         )
-    raw = await store.read(obj, 0, obj.size) if obj.size else b""
-    manifest = decode_manifest(raw, what)
+    raw = await Reads(store, policy).read(obj, 0, obj.size) if obj.size else b""
+    # Off the event loop: a manifest of 200k tensors decodes for seconds.
+    manifest = await asyncio.to_thread(decode_manifest, raw, what)
     found: list[ObjectInfo] = []
     for data in manifest.objects:
         stored = by_name.get(data.name)
@@ -129,34 +147,58 @@ def plan_prepared(
     select: tuple[str, ...] = (), rank: int = 0, world_size: int = 0,
 ) -> Plan:  # fmt: skip
     """Lay out rank ``rank``'s slices of the selected tensors and their ranges."""
+    return at_once(_plan_steps(manifest, objects, uri, chunk_size, select, rank, world_size))
+
+
+async def plan_manifest(
+    manifest: Manifest, objects: tuple[ObjectInfo, ...], uri: str, *, chunk_size: int,
+    select: tuple[str, ...] = (), rank: int = 0, world_size: int = 0,
+) -> Plan:  # fmt: skip
+    """``plan_prepared`` on the event loop, in steps (see ``planner.plan_load``)."""
+    return await stepwise(_plan_steps(manifest, objects, uri, chunk_size, select, rank, world_size))
+
+
+def _plan_steps(
+    manifest: Manifest, objects: tuple[ObjectInfo, ...], uri: str, chunk_size: int,
+    select: tuple[str, ...], rank: int, world_size: int,
+) -> Steps[Plan]:  # fmt: skip
     _check_rank(uri, manifest, rank, world_size)
     wanted = selector(select)
-    chosen = [
-        _Want(t.name, t.dtype, t.slices[0] if t.split is None else t.slices[rank])
-        for t in manifest.tensors
-        if wanted(t.name)
-    ]
+    chosen: list[_Want] = []
+    for i, t in enumerate(manifest.tensors, 1):
+        if wanted(t.name):
+            chosen.append(
+                _Want(t.name, t.dtype, t.slices[0] if t.split is None else t.slices[rank])
+            )
+        if i % STEP == 0:
+            yield
     for pattern in select:
         matches = selector((pattern,))
         if not any(matches(w.name) for w in chosen):
             raise InvalidRequest(f"{uri}: selection {pattern!r} matches no tensor")
+        yield
     # Slice offsets are multiples of align, so a run based at a multiple keeps them aligned.
     base_align = max(manifest.align, ARENA_ALIGN)
     limit = max(chunk_size, manifest.chunk_size)
     tensors: list[PlannedTensor] = []
     ranges: list[Range] = []
     cursor = 0
-    for run in _runs(chosen, manifest.align):
+    runs = _runs(chosen, manifest.align)
+    yield
+    for run in runs:
         base = align_up(cursor, base_align)
         start0 = run[0].slice.offset
         for w in run:
             offset = base + w.slice.offset - start0
             tensors.append(PlannedTensor(w.name, w.dtype, w.slice.shape, offset, w.slice.nbytes))
+            if len(tensors) % STEP == 0:
+                yield
         obj = objects[run[0].slice.object]
         ranges.extend(_ranges(obj, run, base, manifest.chunk_size, limit))
         last = run[-1].slice
         cursor = base + last.offset + last.nbytes - start0
-    tensors.sort(key=lambda t: t.name)
+    yield
+    tensors.sort(key=operator.attrgetter("name"))
     return Plan(tuple(tensors), tuple(ranges), align_up(max(cursor, 1)))
 
 
@@ -165,7 +207,7 @@ async def plan_prepared_load(
     select: tuple[str, ...] = (), rank: int = 0, world_size: int = 0,
 ) -> Plan:  # fmt: skip
     manifest, objects = await read_manifest(store, listing)
-    return plan_prepared(
+    return await plan_manifest(
         manifest, objects, uri, chunk_size=chunk_size, select=select, rank=rank,
         world_size=world_size,
     )  # fmt: skip

@@ -126,6 +126,7 @@ class Registry:
         model.task = task
         self._loads.add(task)
         task.add_done_callback(self._loads.discard)
+        task.add_done_callback(lambda t: self._settle(model, t))
         return model
 
     async def _run(self, model: Model, job: Any) -> None:
@@ -144,6 +145,15 @@ class Registry:
                 m.state = State.READY
             m.done.set_result(m.loaded)
             self._maybe_free(m)  # evicted while it was loading
+
+    def _settle(self, model: Model, task: asyncio.Task[None]) -> None:
+        """A load cancelled before its first step never entered ``_run`` (a coroutine
+        cancelled before it starts skips its handlers): fail its group here, or it would
+        stay loading for ever with its waiters waiting."""
+        if task.cancelled():
+            for m in (model, *model.fan_out):
+                if not m.done.done():
+                    self._fail(m, asyncio.CancelledError(), model.evicted_by)
 
     def _fail(self, model: Model, exc: BaseException, evicted_by: str = "") -> None:
         self._forget(model)

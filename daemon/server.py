@@ -168,9 +168,11 @@ async def run_daemon(
             systemd.notify("STOPPING=1")
             await _drain(service, settings.shutdown_grace)
             log.info("stopping: ending leases and in-flight calls")
-            service.stopping.set()
+            deadline = time.monotonic() + SHUTDOWN_GRACE
+            # Every Load stream's final status first, then gRPC's GOAWAY (see end_calls).
+            await service.end_calls(SHUTDOWN_GRACE)
             await health.enter_graceful_shutdown()
-            await server.stop(SHUTDOWN_GRACE)
+            await server.stop(max(deadline - time.monotonic(), 0.1))
 
 
 async def _open_s3(stack: contextlib.AsyncExitStack, settings: Settings) -> S3Backend | None:

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from tensorferry import __version__
+from tensorferry.daemon.admission import OpenCalls
 from tensorferry.daemon.config import Settings
 from tensorferry.daemon.devices import resolve_devices
 from tensorferry.daemon.load_events import Waiting, table_events
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 FILE_CHUNK = 1 << 20
 MAX_FILE_BYTES = 256 << 20
 WRITE_FAILED_GRACE = 2.0
+NO_NEW_LOADS = (
+    "the tensorferry daemon is shutting down and takes no new loads; retry when it is back"
+)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -75,16 +79,22 @@ class LoaderService(pb_grpc.LoaderServicer):
         self._owners: dict[str, Peer | None] = {}
         self.stopping = asyncio.Event()
         self.draining = asyncio.Event()
+        self.calls = OpenCalls()  # Load and Preload calls, until their status is sent
+
+    async def end_calls(self, timeout: float) -> None:
+        """End every lease and load; wait (up to ``timeout`` s) until each Load and Preload
+        call sent its status. Before server.stop, whose GOAWAY and PING would go first: a
+        worker answering the PING after the daemon hung up loses the status behind them."""
+        self.stopping.set()
+        self.registry.cancel_loads()
+        await self.calls.ended(timeout)
 
     async def _events(
         self, request: pb.LoadRequest | pb.PreloadRequest, client: str, lease: bool
     ) -> AsyncIterator[pb.LoadEvent]:
         t0 = time.monotonic()
         if self.draining.is_set():
-            raise DaemonUnavailable(
-                "the tensorferry daemon is shutting down and takes no new loads; retry when "
-                "it is back"
-            )
+            raise DaemonUnavailable(NO_NEW_LOADS)
         ref = parse_uri(request.uri)
         devices = resolve_devices(
             request.device, request.gpu_uuids, self.registry.gpus, lease=lease
@@ -94,6 +104,8 @@ class LoaderService(pb_grpc.LoaderServicer):
         check_allowed(ref, self.settings)
         yield pb.LoadEvent(progress=pb.Progress(stage="plan"))
         target = await self.loader.target(ref, devices, select, rank, world_size, t0)
+        if self.stopping.is_set():  # stopped while the source was listed: no new load
+            raise DaemonUnavailable(NO_NEW_LOADS)
         model, existed = self.registry.get_or_start(
             target.key, ref.uri, target, client, target.fan_out
         )
@@ -176,6 +188,7 @@ class LoaderService(pb_grpc.LoaderServicer):
 
     # grpc.aio recognises streaming handlers by being async generator functions.
     async def Load(self, request: pb.LoadRequest, context: Context) -> AsyncIterator[pb.LoadEvent]:
+        self.calls.track(context)
         client = request.client_name or context.peer()
         owner = self._caller(context)
         lease_id = ""
@@ -199,6 +212,7 @@ class LoaderService(pb_grpc.LoaderServicer):
     async def Preload(
         self, request: pb.PreloadRequest, context: Context
     ) -> AsyncIterator[pb.LoadEvent]:
+        self.calls.track(context)
         async for event in self._events(request, context.peer(), lease=False):
             yield event
 
@@ -258,6 +272,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         what, weights = request.model, ""
         if "://" in what or what.startswith("/"):
             ref = parse_uri(what)  # as Load normalises it
+            check_allowed(ref, self.settings)  # before listing: nothing outside is touched
             what = ref.uri
             if not self.registry.named(what):
                 # Another spelling of a resident source (its directory, its only file).

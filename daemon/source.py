@@ -7,14 +7,19 @@ before any arena exists.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
+import itertools
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tensorferry.daemon.config import DEFAULT_MAX_TENSORS, Settings, normalize_allow_entry
+from tensorferry.daemon.offload import OFFLOAD_BYTES, in_child
+from tensorferry.daemon.reads import Reads
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.daemon.tasks import task_group
 from tensorferry.errors import (
@@ -24,19 +29,20 @@ from tensorferry.errors import (
     SourceNotFound,
     quote,
 )
+from tensorferry.format.index import INDEX_NAME as INDEX_NAME  # re-exported
+from tensorferry.format.index import index_shards
 from tensorferry.format.manifest import RESERVED_PREFIX
 from tensorferry.format.safetensors import (
     HEADER_PROBE_BYTES,
-    DuplicateKeys,
     Header,
-    NestedTooDeeply,
     header_length,
-    loads,
     parse_header,
     too_many_tensors,
 )
 
-INDEX_NAME = "model.safetensors.index.json"
+if TYPE_CHECKING:
+    from tensorferry.daemon.fetch import FetchPolicy
+
 MAX_INDEX_BYTES = 64 << 20
 #: Linux's limits on a path (PATH_MAX less its final NUL) and on one name in it.
 PATH_MAX = 4095
@@ -132,37 +138,20 @@ class Source:
     files: tuple[tuple[ObjectInfo, Header], ...]
     others: tuple[ObjectInfo, ...]  # config.json, tokenizer files, ...
     version: str
+    #: Retries the header and index reads took, by cause (for the load's record).
+    read_retries: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter[str]
+    )
 
-
-def _index_shards(raw: bytes, what: str, max_tensors: int) -> list[str]:
-    """The shard names an index maps tensors to (CPU-bound for big indexes)."""
-    hook = DuplicateKeys()
-    try:
-        doc: Any = loads(raw, hook) if raw else None
-        weight_map = doc["weight_map"]
-        shards = sorted(set(weight_map.values()))
-        if not all(isinstance(s, str) for s in shards):
-            raise TypeError
-    except NestedTooDeeply:
-        raise InvalidArtifact(f"{what} is not a valid index: it nests JSON too deeply") from None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise InvalidArtifact(
-            f"{what} is not a valid index: expected a JSON object with a "
-            '"weight_map" of tensor name -> shard file name'
-        ) from None
-    if hook.first is not None and hook.first[0] is weight_map:
-        raise InvalidArtifact(
-            f"{what} is not a valid index: its weight_map names tensor {quote(hook.first[1])} twice"
-        )
-    # The index knows the tensor count before any header is read.
-    if len(weight_map) > max_tensors:
-        raise too_many_tensors(what, "lists", len(weight_map), max_tensors)
-    return shards
+    def names(self) -> Iterator[str]:
+        """Every tensor's name, file by file (no object per tensor is built)."""
+        return itertools.chain.from_iterable(h.tensors.names for _, h in self.files)
 
 
 async def _weight_objects(
-    store: Store, listing: list[ObjectInfo], max_tensors: int
+    reads: Reads, listing: list[ObjectInfo], max_tensors: int
 ) -> list[ObjectInfo]:
+    store = reads.store
     by_name = {o.key: o for o in listing}
     index = by_name.get(INDEX_NAME)
     if index is None:
@@ -172,9 +161,13 @@ async def _weight_objects(
         return weights
     if index.size > MAX_INDEX_BYTES:
         raise InvalidArtifact(f"{store.describe(index)} is larger than {MAX_INDEX_BYTES} bytes")
-    raw = await store.read(index, 0, index.size) if index.size else b""
+    raw = await reads.read(index, 0, index.size) if index.size else b""
     # Off the event loop: a 64 MiB index parses for seconds, and every call would wait.
-    shards = await asyncio.to_thread(_index_shards, raw, store.describe(index), max_tensors)
+    what = store.describe(index)
+    if len(raw) >= OFFLOAD_BYTES:
+        shards = await in_child("index", raw, what, max_tensors, what=what)
+    else:
+        shards = await asyncio.to_thread(index_shards, raw, what, max_tensors)
     del raw
     missing = [s for s in shards if s not in by_name or posixpath.basename(s) != s]
     if missing:
@@ -184,15 +177,19 @@ async def _weight_objects(
     return [by_name[s] for s in shards]
 
 
-async def _read_header(store: Store, obj: ObjectInfo, max_tensors: int) -> Header:
-    what = store.describe(obj)
-    probe = await store.read(obj, 0, min(obj.size, HEADER_PROBE_BYTES))
+async def _read_header(reads: Reads, obj: ObjectInfo, max_tensors: int) -> Header:
+    what = reads.store.describe(obj)
+    probe = await reads.read(obj, 0, min(obj.size, HEADER_PROBE_BYTES))
     total = header_length(probe, what, obj.size)
     if total > len(probe):
-        probe += await store.read(obj, len(probe), total - len(probe))
+        probe += await reads.read(obj, len(probe), total - len(probe))
     # Off the event loop: 100k tensors parse for about a second, and every other call
-    # (Status, other loads, lease renewals) would wait for it.
-    return await asyncio.to_thread(parse_header, probe, what, obj.size, max_tensors)
+    # (Status, other loads, lease renewals) would wait for it. Big headers parse in a
+    # child: in a thread, the parse holds the GIL as long (see offload).
+    if total < OFFLOAD_BYTES:
+        return await asyncio.to_thread(parse_header, probe, what, obj.size, max_tensors)
+    header: Header = await in_child("header", probe, what, obj.size, max_tensors, what=what)
+    return header
 
 
 def is_weight_object(key: str) -> bool:
@@ -223,20 +220,22 @@ async def list_source(ref: SourceRef, store: Store) -> list[ObjectInfo]:
 
 async def read_source(
     ref: SourceRef, store: Store, listing: list[ObjectInfo], *,
-    max_tensors: int = DEFAULT_MAX_TENSORS,
+    max_tensors: int = DEFAULT_MAX_TENSORS, policy: FetchPolicy | None = None,
 ) -> Source:  # fmt: skip
     """The weight files and their validated headers.
 
     ``max_tensors`` ([limits] max_tensors) applies to the index, to each header before its
-    entries are built, and to all files together.
+    entries are built, and to all files together. Reads that fail for a reason that may
+    pass are retried under ``policy``, as data ranges are.
     """
-    weights = await _weight_objects(store, listing, max_tensors)
+    reads = Reads(store, policy)
+    weights = await _weight_objects(reads, listing, max_tensors)
     async with task_group() as tg:
-        tasks = [tg.create_task(_read_header(store, o, max_tensors)) for o in weights]
+        tasks = [tg.create_task(_read_header(reads, o, max_tensors)) for o in weights]
     files = tuple((o, t.result()) for o, t in zip(weights, tasks, strict=True))
     count = sum(len(header.tensors) for _, header in files)
     if count > max_tensors:
         raise too_many_tensors(ref.uri, "has", count, max_tensors)
     weight_keys = {o.key for o in weights}
     others = tuple(o for o in listing if o.key not in weight_keys)
-    return Source(ref, files, others, listing_version(listing))
+    return Source(ref, files, others, listing_version(listing), reads.causes)

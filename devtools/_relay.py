@@ -16,6 +16,7 @@ from tensorferry.devtools._wire import (
     BUFFER,
     QUIET,
     UNTIL_EOF,
+    Chunker,
     Discard,
     Head,
     Reset,
@@ -26,6 +27,19 @@ from tensorferry.devtools._wire import (
 from tensorferry.devtools.faults import Fault, Ledger, RequestInfo, classify
 
 _EARLY_BODY_GRACE_S = 2.0
+
+
+def _fault_headers(fault: Fault | None) -> dict[str, str]:
+    """The answer headers a fault replaces (or adds)."""
+    replace: dict[str, str] = {}
+    if fault is not None:
+        if fault.content_range is not None:
+            replace["Content-Range"] = fault.content_range
+        if fault.etag is not None:
+            replace["ETag"] = fault.etag
+        if fault.content_encoding is not None:
+            replace["Content-Encoding"] = fault.content_encoding
+    return replace
 
 
 class Connection:
@@ -142,16 +156,27 @@ class Connection:
             framing = resp.framing(no_body=method == "HEAD" or status in (204, 304), until_eof=True)
             if framing == UNTIL_EOF:
                 close = drop = True
-            replace = {}
-            if fault is not None and fault.content_range is not None:
-                replace["Content-Range"] = fault.content_range
+            replace = _fault_headers(fault)
+            remove: tuple[str, ...] = ()
+            chunker = None
+            if fault is not None and framing > 0 and (fault.rechunk or fault.until_close):
+                # Only a Content-Length body is reshaped: a chunked one would need decoding.
+                remove = ("content-length",)
+                if fault.rechunk:
+                    replace["Transfer-Encoding"] = "chunked"
+                    chunker = Chunker(self.down_w)
+                else:
+                    close = True
             if close and not resp.token("connection", "close"):
                 replace["Connection"] = "close"
             if fault is not None and fault.stall is not None:
                 await asyncio.sleep(fault.stall)
-            self.down_w.write(resp.rebuilt(replace) if replace else resp.raw)
+            self.down_w.write(resp.rebuilt(replace, remove) if replace or remove else resp.raw)
             try:
-                await forward(up_r, self.down_w, framing, Tap(self.ledger, kind, fault))
+                tap = Tap(self.ledger, kind, fault)
+                await forward(up_r, chunker or self.down_w, framing, tap)
+                if chunker is not None:
+                    await chunker.end()
             except (Reset, Truncate):
                 drop = True  # the upstream body was not read to its end
                 raise

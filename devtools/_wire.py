@@ -67,8 +67,8 @@ class Head:
         kept = [ln for ln in self.lines if ln.partition(":")[0].strip().lower() != name]
         return "\r\n".join([" ".join(self.start), *kept, "", ""]).encode("latin-1")
 
-    def rebuilt(self, replace: dict[str, str]) -> bytes:
-        names = {name.lower() for name in replace}
+    def rebuilt(self, replace: dict[str, str], drop: tuple[str, ...] = ()) -> bytes:
+        names = {name.lower() for name in (*replace, *drop)}
         kept = [ln for ln in self.lines if ln.partition(":")[0].strip().lower() not in names]
         extra = [f"{name}: {value}" for name, value in replace.items()]
         return "\r\n".join([" ".join(self.start), *kept, *extra, "", ""]).encode("latin-1")
@@ -85,6 +85,24 @@ class Discard:
 
     async def drain(self) -> None:
         pass
+
+
+class Chunker:
+    """A Sink that sends what is written to it as chunks of that size (``rechunk``)."""
+
+    def __init__(self, dst: Sink) -> None:
+        self.dst = dst
+
+    def write(self, data: bytes) -> None:
+        if data:  # an empty chunk would end the body
+            self.dst.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    async def drain(self) -> None:
+        await self.dst.drain()
+
+    async def end(self) -> None:
+        self.dst.write(b"0\r\n\r\n")
+        await self.dst.drain()
 
 
 class Tap:

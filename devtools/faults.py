@@ -56,6 +56,16 @@ class Fault:
     trickle: float | None = None
     #: Forward the request without its Range header: the server answers 200, whole object.
     drop_range: bool = False
+    #: Re-encode a Content-Length body as chunked, without Content-Length (as actix-files
+    #: answers ranges and some proxies re-chunk them); the payload bytes are unchanged.
+    rechunk: bool = False
+    #: Drop Content-Length and end the body by closing the connection (HTTP/1.0 style).
+    #: Like ``rechunk``, only for an answer that has a Content-Length.
+    until_close: bool = False
+    #: Replace the answer's ETag (an answer from another version, as a stale cache gives).
+    etag: str | None = None
+    #: Add this Content-Encoding to the answer (its bytes unchanged).
+    content_encoding: str | None = None
 
 
 FaultHook = Callable[[RequestInfo], Fault | None]

@@ -71,7 +71,7 @@ def _config_show(args: argparse.Namespace) -> int:
     from tensorferry.daemon.store.proxy import redact
 
     shown = dataclasses.asdict(_settings(args))
-    # Printed configs end up in tickets: a proxy URL's password stays out.
+    # Printed configs end up in tickets: a proxy URL's user name and password stay out.
     if shown["s3"].get("proxy"):
         shown["s3"]["proxy"] = redact(shown["s3"]["proxy"])
     print(json.dumps(shown, indent=2, default=str))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from tensorferry.errors import InvalidArtifact, InvalidRequest, SourceNotAllowed
 from tensorferry.integrations.vllm_options import (
     LoaderOptions,
     Weights,
+    loaded_line,
     missing_error,
     stage_selection,
 )
@@ -90,4 +92,27 @@ def test_missing_tensors_are_named_up_to_eight() -> None:
         "s3://b/m/ lacks tensors the model needs: t0, t1, t2, t3, t4, t5, t6, t7 and 2 more; "
         "the checkpoint and config.json must describe the same model (or widen the loader's "
         "select)"
+    )
+
+
+def test_the_load_line_splits_the_time_without_counting_the_first_wait_twice() -> None:
+    # A fake clock: 12 s before the first tensor, then 1 s waiting and 2 s of vLLM's copying
+    # for each of 3 tensors; the end of the stream takes 1 s more.
+    now = [100.0]
+    steps = iter([12.0, 1.0, 1.0, 1.0])
+
+    def pairs() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in ("a", "b", "c"):
+            now[0] += next(steps)
+            yield name, torch.zeros(4)
+        now[0] += next(steps)
+
+    weights = Weights(pairs(), clock=lambda: now[0])
+    for _ in weights:
+        now[0] += 2.0
+    # First tensor at 12 s; then 2 s of waiting between tensors, 1 s for the end, 6 s copying.
+    assert weights.waited == 3.0
+    assert loaded_line(weights, "s3://b/m/", since=100.0, attached=False) == (
+        "tensorferry: 3 tensors (0.000 GB) from s3://b/m/ into the model in 21.00 s (streamed "
+        "as they landed; first tensor at 12.00 s, 3.00 s waiting for tensors, 6.00 s copying)"
     )

@@ -21,9 +21,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from tensorferry.daemon.store._http_conn import Connection, RangeMismatch
+from tensorferry.daemon.store._http_conn import Connection
+from tensorferry.daemon.store._http_head import OtherVersion, RangeMismatch, Unusable
 from tensorferry.daemon.store.proxy import Proxy, ProxyChooser, ProxyFailed, proxy_error
-from tensorferry.errors import StoreUnavailable
+from tensorferry.errors import FailedPrecondition, StoreUnavailable, TensorferryError
 
 log = logging.getLogger(__name__)
 _FALLBACK_LOG_EVERY = 10.0
@@ -37,6 +38,15 @@ class HttpError(Exception):
         self.status = status
         self.headers = headers
         self.body = body
+
+
+class OtherVersionAnswer(HttpError):
+    """A 206 of another version than the planned one (by its ETag): what a store answers
+    to a failed ``If-Match``, 412, so that it is mapped as one."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(412, {}, b"")
+        self.args = (f"HTTP 206 with {detail}",)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,7 +114,8 @@ class HttpPool:
 
     async def _tunnel(self, conn: Connection, route: _Route, proxy: Proxy) -> Connection:
         """CONNECT through ``proxy``, then TLS with the store inside the tunnel."""
-        authority = f"{route.host}:{route.port}"
+        host = f"[{route.host}]" if ":" in route.host else route.host  # an IPv6 literal
+        authority = f"{host}:{route.port}"
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         if proxy.authorization:
             lines.append(f"Proxy-Authorization: {proxy.authorization}")
@@ -112,7 +123,7 @@ class HttpPool:
         loop = asyncio.get_running_loop()
         try:
             answer = await conn.tunnel(head, self._connect_timeout)
-            if answer.status != 200:
+            if not 200 <= answer.status < 300:
                 raise ProxyFailed(
                     f"the proxy {proxy.shown} refused a tunnel to {authority}: HTTP {answer.status}"
                 )
@@ -143,9 +154,13 @@ class HttpPool:
     ) -> None:
         """GET ``url`` with ``Range`` for len(dest) bytes from ``start`` into ``dest``.
 
-        Raises HttpError for a non-206 answer, RangeMismatch for a wrong range,
-        ConnectionError/TimeoutError for transport failures, and ProxyFailed when a proxy
-        failed the request and there is no fallback.
+        An ``If-Match`` header names the planned version: an answer with another ETag
+        fails too (a cache on the path need not honour ``If-Match``).
+
+        Raises HttpError for a non-206 answer or one of another version (as 412),
+        FailedPrecondition for a body with a transfer or content coding, RangeMismatch for
+        a wrong range, ConnectionError/TimeoutError for transport failures, and ProxyFailed
+        when a proxy failed the request and there is no fallback.
         """
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme
@@ -155,6 +170,7 @@ class HttpPool:
         lines = [f"Host: {parts.netloc.rpartition('@')[2]}"]
         lines.append(f"Range: bytes={start}-{start + len(dest) - 1}")
         lines.extend(f"{k}: {v}" for k, v in headers.items())
+        etag = next((v for k, v in headers.items() if k.lower() == "if-match"), None)
         proxy = self._proxies.for_host(scheme, host, port) if self._proxies else None
         if proxy is not None:
             if scheme == "https":
@@ -166,13 +182,25 @@ class HttpPool:
                 auth = proxy.authorization
                 extra = [f"Proxy-Authorization: {auth}"] if auth else []
             try:
-                await self._get(route, target, [*lines, *extra], dest, start)
+                await self._get(route, target, [*lines, *extra], dest, start, etag)
                 return
             except ProxyFailed as exc:
                 if not self._fallback:
                     raise
                 self._count_fallback(exc)
-        await self._get(_Route(scheme, host, port), origin, lines, dest, start)
+            except Unusable as exc:
+                # The proxy's doing (a stale cache, a re-chunking proxy) until the store says
+                # so; but in a tunnel the answer is the store's own: TLS keeps proxies out.
+                by = proxy if scheme == "http" else None
+                if by is None or not self._fallback:
+                    raise _refusal(exc, parts, start, len(dest), by) from exc
+                self._count_fallback(
+                    ProxyFailed(f"the proxy {by.shown} answered a range with {exc}")
+                )
+        try:
+            await self._get(_Route(scheme, host, port), origin, lines, dest, start, etag)
+        except Unusable as exc:
+            raise _refusal(exc, parts, start, len(dest), None) from exc
 
     def _count_fallback(self, exc: ProxyFailed) -> None:
         self.fallbacks += 1
@@ -183,21 +211,25 @@ class HttpPool:
             log.warning("%s; asking the store directly (%d so far)", exc, self.fallbacks)
 
     async def _get(
-        self, route: _Route, target: str, lines: list[str], dest: memoryview, start: int
-    ) -> None:
+        self, route: _Route, target: str, lines: list[str], dest: memoryview, start: int,
+        etag: str | None,
+    ) -> None:  # fmt: skip
         head = "\r\n".join([f"GET {target} HTTP/1.1", *lines]) + "\r\n\r\n"
         slots = self._slots.setdefault(route, asyncio.Semaphore(self._limit))
         async with slots:
             idle = self._idle[route]
-            while idle and idle[-1].closed:  # the store closed it while it sat idle
-                self._discard(idle.pop())
+            if any(conn.closed for conn in idle):  # the store closed them while they sat
+                for conn in idle:
+                    if conn.closed:
+                        self._discard(conn)
+                idle[:] = [conn for conn in idle if not conn.closed]
             kept = bool(idle)
             conn = idle.pop() if kept else await self._connect(route)
             while True:
                 reusable = False
                 try:
                     response = await conn.request(
-                        head.encode("latin-1"), dest, start, self._read_timeout
+                        head.encode("latin-1"), dest, start, self._read_timeout, etag
                     )
                     reusable = "close" not in (
                         response.headers.get("connection", "").lower(),
@@ -230,6 +262,29 @@ class HttpPool:
             for conn in conns:
                 self._discard(conn)
         self._idle.clear()
+
+
+def _refusal(
+    exc: Unusable, url: urllib.parse.SplitResult, start: int, length: int, proxy: Proxy | None
+) -> TensorferryError | HttpError:
+    """The error for a 206 that must not land: never retried, as the same route gives the
+    same answer again."""
+    if isinstance(exc, OtherVersion):
+        return OtherVersionAnswer(str(exc))
+    store = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+    who = f"the proxy {proxy.shown}" if proxy else f"the store at {store}"
+    what = f"bytes {start}-{start + length - 1} of {url.path}"
+    fix = (
+        "have the proxy pass range answers through unchanged, or turn [s3] proxy_fallback "
+        "on to ask the store directly"
+        if proxy
+        else "if a proxy or load balancer in front of the store re-encodes answers, have it "
+        "pass range answers through unchanged"
+    )
+    return FailedPrecondition(
+        f"{who} answered {what} with {exc}; tensorferry takes a range only as the object's "
+        f"own bytes, Content-Length long or ending with the connection: {fix}"
+    )
 
 
 def transport_error(what: str, exc: BaseException) -> StoreUnavailable:

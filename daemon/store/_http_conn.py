@@ -6,24 +6,25 @@ of its destination, so each byte is written once.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 from typing import cast
 
+from tensorferry.daemon.store._http_head import (
+    HEAD_MAX,
+    check_range,
+    ends_with_connection,
+    error_body,
+    parse_head,
+)
 from tensorferry.daemon.store.base import METER, TIMING, BodyMeter, GetTiming
 
-_HEAD_MAX = 64 * 1024
 #: Body bytes the kernel gathers before it wakes us (SO_RCVLOWAT). A slow connection
 #: delivers a few KiB at a time; each wake-up is a trip through the event loop, and 132 such
 #: connections cost the daemon twice the CPU per GB of the same bytes arriving in bursts
 #: (0.85 CPU-s/GB; 0.50 at 256 KiB; 0.30-0.33 at 1 MiB, under loopback's 0.37).
 LOWAT = 1 << 20
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-
-
-class RangeMismatch(ConnectionError):
-    """The store answered with a different range than asked for."""
+_SURPLUS = "the store sent more bytes than the range it announced"
 
 
 class Response:
@@ -41,7 +42,7 @@ class Connection(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self._head = bytearray(_HEAD_MAX)
+        self._head = bytearray(HEAD_MAX)
         self._head_view = memoryview(self._head)
         self._head_len = 0
         self._dest: memoryview | None = None
@@ -51,6 +52,10 @@ class Connection(asyncio.BufferedProtocol):
         self._response: Response | None = None
         self._waiter: asyncio.Future[Response] | None = None
         self._expect_start = 0
+        self._etag: str | None = None
+        #: A 206 without Content-Length: its body ends with the connection, which must
+        #: come right after the range's last byte.
+        self._until_close = False
         self._last_io = 0.0
         self._idle_timeout = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -91,11 +96,15 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         response = self._response
-        if response is not None and not self._in_body and "content-length" not in response.headers:
-            # An error body delimited by the end of the connection (HTTP/1.0 style, as
-            # proxies' error pages often are): complete now.
+        if response is not None and (
+            (self._in_body and self._until_close and self._pos == self._want)
+            or (not self._in_body and ends_with_connection(response.headers))
+        ):
+            # A body delimited by the end of the connection (HTTP/1.0 style, as proxies'
+            # error pages often are): complete now.
             response.headers["connection"] = "close"
-            response.body = bytearray(self._head[: self._head_len])
+            if not self._in_body:
+                response.body = bytearray(self._head[: self._head_len])
             self._finish()
             return
         if self._waiter is not None and not self._waiter.done():
@@ -105,7 +114,7 @@ class Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._in_body and self._dest is not None and self._pos < self._want:
             return self._dest[self._pos : self._want]
-        if self._head_len >= _HEAD_MAX:
+        if self._head_len >= HEAD_MAX:
             self._head_len = 0  # unexpected bytes; the response handler already failed
         return self._head_view[self._head_len :]
 
@@ -115,13 +124,19 @@ class Connection(asyncio.BufferedProtocol):
         if self._timing is not None and self._timing.first_byte is None:
             self._timing.answered(self._last_io)
         if self._in_body:
+            if self._pos >= self._want:  # after a body that was to end with the connection
+                self._fail(ConnectionError(_SURPLUS))
+                return
             self._pos += nbytes
             if self._meter is not None:
                 self._meter.bytes += nbytes
-            if self._pos >= self._want:
+            if self._pos < self._want:
+                if self._lowat > self._want - self._pos:
+                    self._gather(1)
+            elif self._until_close:
+                self._gather(1)  # for any byte past the range, which must not come
+            else:
                 self._finish()
-            elif self._lowat > self._want - self._pos:
-                self._gather(1)
             return
         self._head_len += nbytes
         if self._response is not None:  # collecting an error body
@@ -129,7 +144,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         end = self._head.find(b"\r\n\r\n", 0, self._head_len)
         if end < 0:
-            if self._head_len >= _HEAD_MAX:
+            if self._head_len >= HEAD_MAX:
                 self._fail(ConnectionError("response head larger than 64 KiB"))
             return
         self._on_head(end + 4)
@@ -154,20 +169,16 @@ class Connection(asyncio.BufferedProtocol):
             self._waiter.set_result(response)
 
     def _on_head(self, head_end: int) -> None:
-        lines = bytes(self._head[: head_end - 4]).decode("latin-1").split("\r\n")
         try:
-            status = int(lines[0].split(" ", 2)[1])
-        except (IndexError, ValueError):
-            self._fail(ConnectionError(f"malformed status line {lines[0]!r}"))
+            status, headers = parse_head(bytes(self._head[: head_end - 4]))
+        except ValueError as exc:
+            self._fail(ConnectionError(str(exc)))
             return
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
         extra = self._head_len - head_end
         response = Response(status, headers)
         self._response = response
-        if self._head_only:
+        if self._head_only and 200 <= status < 300:
+            # The tunnel is open: what follows belongs to TLS, which we have not started.
             self._head_len = 0
             if extra:
                 self._fail(ConnectionError("the proxy sent bytes after its CONNECT answer"))
@@ -175,58 +186,41 @@ class Connection(asyncio.BufferedProtocol):
                 self._finish()
             return
         if status != 206:
+            # An error (a refused CONNECT too): bytes after the head are its body.
             self._head[:extra] = self._head[head_end : self._head_len]
             self._head_len = extra
             self._collect_error_body()
             return
-        problem = self._check_range(headers)
+        problem = check_range(headers, self._expect_start, self._want, self._etag)
         if problem is not None:
             self._fail(problem)
             return
         assert self._dest is not None
         if extra > self._want:
-            self._fail(ConnectionError("server sent more bytes than the range it announced"))
+            self._fail(ConnectionError(_SURPLUS))
             return
+        self._until_close = "content-length" not in headers
         self._dest[:extra] = self._head_view[head_end : self._head_len]
         self._pos = extra
         self._head_len = 0
         self._in_body = True
         if self._pos >= self._want:
-            self._finish()
+            if not self._until_close:
+                self._finish()
         elif self._want - self._pos >= 2 * LOWAT:
             self._gather(LOWAT)
-
-    def _check_range(self, headers: dict[str, str]) -> Exception | None:
-        want_end = self._expect_start + self._want - 1
-        value = headers.get("content-range", "")
-        m = _CONTENT_RANGE.fullmatch(value)
-        if m is None or int(m.group(1)) != self._expect_start or int(m.group(2)) != want_end:
-            return RangeMismatch(
-                f"the store answered the range GET for bytes {self._expect_start}-{want_end} "
-                f"with Content-Range {value!r}"
-            )
-        if headers.get("content-length") not in (None, str(self._want)):
-            return RangeMismatch(
-                f"the store answered the range GET for bytes {self._expect_start}-{want_end} "
-                f"with Content-Length {headers['content-length']} instead of {self._want}"
-            )
-        return None
 
     def _collect_error_body(self) -> None:
         response = self._response
         assert response is not None
-        length = response.headers.get("content-length")
         data = self._head[: self._head_len]
-        done = (
-            (length is not None and len(data) >= int(length))
-            or (length is None and data.endswith(b"0\r\n\r\n"))
-            or self._head_len >= _HEAD_MAX
-        )
-        if done:
-            # Bodies we did not read to their end leave the connection unusable.
-            if length is None or len(data) != int(length):
+        found = error_body(response.headers, data)
+        if found is None and self._head_len >= HEAD_MAX:
+            found = bytes(data), False
+        if found is not None:
+            response.body = bytearray(found[0])
+            if not found[1]:  # a body not read exactly to its end leaves the stream unknown
                 response.headers["connection"] = "close"
-            response.body = bytearray(data)
             self._head_len = 0
             self._finish()
 
@@ -258,8 +252,16 @@ class Connection(asyncio.BufferedProtocol):
             self._head_only = False
 
     async def request(
-        self, head: bytes, dest: memoryview, start: int, idle_timeout: float
+        self,
+        head: bytes,
+        dest: memoryview,
+        start: int,
+        idle_timeout: float,
+        etag: str | None = None,
     ) -> Response:
+        """Send ``head`` and land a 206's body in ``dest`` (bytes from ``start`` of the
+        version whose ETag is ``etag``, when known); any other answer comes back with its
+        body (an error) unless it cannot be read."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
@@ -272,6 +274,8 @@ class Connection(asyncio.BufferedProtocol):
         # A CONNECT answer is not the range's first byte: the hedger must not see it.
         self._timing = None if self._head_only else TIMING.get()
         self._expect_start = start
+        self._etag = etag
+        self._until_close = False
         self._in_body = False
         self._response = None
         self._head_len = 0

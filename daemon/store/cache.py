@@ -9,7 +9,6 @@ directory is bounded by a byte budget, least recently used chunks going first.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import itertools
@@ -22,6 +21,7 @@ from pathlib import Path
 import crc32c
 
 from tensorferry.daemon.store.base import ObjectInfo, Store
+from tensorferry.daemon.threads import STEP, run_to_end
 
 log = logging.getLogger(__name__)
 _TRAILER = struct.Struct("<I")
@@ -53,8 +53,9 @@ class DiskTier:
         digest = hashlib.sha256(key).hexdigest()
         return self.directory / digest[:2] / f"{digest}.chunk"
 
-    def get(self, path: Path, dest: memoryview) -> bool:
-        """Fill ``dest`` from the chunk file; False on a miss or a failed check."""
+    def get(self, stop: threading.Event, path: Path, dest: memoryview) -> bool:
+        """Fill ``dest`` from the chunk file; False on a miss or a failed check (or once
+        ``stop`` is set: the caller was cancelled and wants nothing more)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -62,14 +63,17 @@ class DiskTier:
             return False
         try:
             done = 0
-            while done < len(dest):
-                n = os.preadv(fd, [dest[done:]], done)
+            # In steps: a cancelled read stops within one, and only then is dest reused.
+            while done < len(dest) and not stop.is_set():
+                n = os.preadv(fd, [dest[done : done + STEP]], done)
                 if n == 0:
                     break
                 done += n
             trailer = os.pread(fd, _TRAILER.size, len(dest))
         finally:
             os.close(fd)
+        if stop.is_set():
+            return False  # not a failed check: nothing to forget
         if (
             done != len(dest)
             or len(trailer) != _TRAILER.size
@@ -86,17 +90,29 @@ class DiskTier:
             os.utime(path)  # the LRU order survives a restart
         return True
 
-    def put(self, path: Path, data: memoryview) -> None:
+    def put(self, stop: threading.Event, path: Path, data: memoryview) -> None:
         size = len(data) + _TRAILER.size
         if size > self.budget:
             return
         self._make_room(size)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.write(_TRAILER.pack(crc32c.crc32c(data)))
-        os.replace(tmp, path)  # readers never see a half-written chunk
+        # The CRC first, from the same bytes that are written: ``data`` stays put until this
+        # returns (run_to_end), and a copy stopped part way is never renamed into place.
+        trailer = _TRAILER.pack(crc32c.crc32c(data))
+        try:
+            with open(tmp, "wb") as f:
+                for at in range(0, len(data), STEP):
+                    if stop.is_set():
+                        break
+                    f.write(data[at : at + STEP])
+                else:
+                    f.write(trailer)
+            if stop.is_set():
+                return
+            os.replace(tmp, path)  # readers never see a half-written chunk
+        finally:
+            tmp.unlink(missing_ok=True)
         with self._lock:
             self._sizes[path] = size
             self._used[path] = next(self._clock)
@@ -137,11 +153,12 @@ class CachingStore(Store):
 
     async def read_into(self, obj: ObjectInfo, start: int, dest: memoryview) -> None:
         path = self.tier.path(self.uri, obj, start, len(dest))
-        if await asyncio.to_thread(self.tier.get, path, dest):
+        # Threads that write dest (or read it) are waited for, also when cancelled.
+        if await run_to_end(self.tier.get, path, dest):
             return
         await self.inner.read_into(obj, start, dest)
         try:
-            await asyncio.to_thread(self.tier.put, path, dest)
+            await run_to_end(self.tier.put, path, dest)
         except OSError as exc:  # a full or broken cache disk must not fail the load
             log.warning("disk tier: could not keep %s: %s", path.name, exc)
 

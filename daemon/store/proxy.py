@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import ipaddress
+import re
 import urllib.parse
 from collections.abc import Mapping
 
@@ -50,17 +51,18 @@ class Proxy:
 
 def parse_proxy(url: str, where: str) -> Proxy:
     """``http://[user:password@]host[:port]`` (a bare ``host:port`` too); ConfigError names
-    ``where`` (the key or variable the value came from)."""
+    ``where`` (the key or variable the value came from) and shows the value ``redact``ed."""
     value = url.strip()
-    parts = urllib.parse.urlsplit(value if "://" in value else f"http://{value}")
     try:
+        parts = urllib.parse.urlsplit(value if "://" in value else f"http://{value}")
         port = parts.port or 80
-    except ValueError:
-        port = -1
+    except ValueError:  # an unclosed "[", a port that is no number or out of range
+        parts, port = urllib.parse.urlsplit(""), -1
     if parts.scheme != "http" or not parts.hostname or port < 1 or parts.path not in ("", "/"):
         raise ConfigError(
-            f"{where}: expected a proxy URL such as http://proxy.internal:3128, got {url!r} "
-            "(proxies are spoken to in plain HTTP; https stores are tunnelled with CONNECT)"
+            f"{where}: expected a proxy URL such as http://proxy.internal:3128, got "
+            f"{redact(url)!r} (proxies are spoken to in plain HTTP; https stores are tunnelled "
+            "with CONNECT)"
         )
     auth = None
     if parts.username is not None:
@@ -70,13 +72,31 @@ def parse_proxy(url: str, where: str) -> Proxy:
     return Proxy(parts.hostname, port, auth, parts.geturl())
 
 
-def redact(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
-    return parts._replace(netloc=netloc).geturl()
+#: A URL's scheme and "//", where the value has them (leading blanks kept as they were).
+_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def redact(value: str) -> str:
+    """A proxy setting as messages, logs and ``config show`` may show it: everything
+    before the last "@" (after the scheme, if any) becomes ``***``. The whole userinfo goes,
+    not only a password: a user name alone is often a token. Taken from the raw text
+    rather than from a parsed URL, so malformed values (a "/" or "@" in the password, no
+    scheme, no port) are masked as well as valid ones."""
+    scheme = _SCHEME.match(value)
+    head = scheme.end() if scheme else len(value) - len(value.lstrip())
+    at = value.rfind("@", head)
+    return value if at < 0 else f"{value[:head]}***{value[at:]}"
+
+
+def proxy_text(value: object, key: str) -> str | None:
+    """The parser of ``[s3] proxy``: a string ("" is unset). Anything else is refused
+    without quoting it: it may hold credentials."""
+    if isinstance(value, str):
+        return value or None
+    raise ConfigError(
+        f"{key}: expected a proxy URL string such as http://proxy.internal:3128, got a "
+        f"{type(value).__name__}"
+    )
 
 
 def proxy_rule(value: str | None) -> str | None:

@@ -10,7 +10,8 @@ import dataclasses
 import json
 import math
 import struct
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, overload
 
 from tensorferry.errors import InvalidArtifact, ResourceExhausted, quote
 
@@ -40,11 +41,61 @@ class TensorEntry:
         return self.end - self.begin
 
 
+class Entries(Sequence[TensorEntry]):
+    """A header's tensors as columns, in (begin, end) order; items are built on access.
+
+    A header of 200k tensors held as 200k objects costs every full pass of the garbage
+    collector while they live, and while they are built passes of 40-130 ms hold the
+    event loop. Columns of strings and ints are a few objects for the collector, and
+    they pickle in milliseconds (big headers are parsed in a child process).
+    """
+
+    __slots__ = ("begins", "dtypes", "ends", "names", "shapes")
+
+    def __init__(
+        self, names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]],
+        begins: list[int], ends: list[int],
+    ) -> None:  # fmt: skip
+        self.names = names
+        self.dtypes = dtypes
+        self.shapes = shapes
+        self.begins = begins
+        self.ends = ends
+
+    @classmethod
+    def of(cls, tensors: Iterable[TensorEntry]) -> Entries:
+        ts = sorted(tensors, key=lambda t: (t.begin, t.end))
+        return cls([t.name for t in ts], [t.dtype for t in ts], [t.shape for t in ts],
+                   [t.begin for t in ts], [t.end for t in ts])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @overload
+    def __getitem__(self, i: int) -> TensorEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> Entries: ...
+    def __getitem__(self, i: int | slice) -> TensorEntry | Entries:
+        if isinstance(i, slice):
+            return Entries(self.names[i], self.dtypes[i], self.shapes[i], self.begins[i],
+                           self.ends[i])  # fmt: skip
+        return TensorEntry(self.names[i], self.dtypes[i], self.shapes[i], self.begins[i],
+                           self.ends[i])  # fmt: skip
+
+    def __iter__(self) -> Iterator[TensorEntry]:
+        return map(TensorEntry, self.names, self.dtypes, self.shapes, self.begins, self.ends)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return list(self) == list(other)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Header:
     data_start: int  # byte offset of the data section in the file
     data_len: int
-    tensors: tuple[TensorEntry, ...]
+    tensors: Entries
     metadata: dict[str, str]
 
 
@@ -221,12 +272,13 @@ def parse_header(raw: bytes, key: str, file_size: int, max_tensors: int | None =
             metadata = info
             continue
         tensors.append(_tensor(key, name, info, data_len, shapes))
-    tensors.sort(key=lambda t: (t.begin, t.end))
+    entries = Entries.of(tensors)
+    del tensors
     previous: TensorEntry | None = None
-    for t in tensors:
+    for t in entries:
         if t.nbytes == 0:
             continue
         if previous is not None and t.begin < previous.end:
             raise _fail(key, f"tensors {quote(previous.name)} and {quote(t.name)} overlap")
         previous = t
-    return Header(total, data_len, tuple(tensors), metadata)
+    return Header(total, data_len, entries, metadata)

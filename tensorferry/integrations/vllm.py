@@ -33,6 +33,7 @@ from tensorferry.integrations.vllm_options import (
     INDEX_FILE,
     LoaderOptions,
     Weights,
+    loaded_line,
     missing_error,
     stage_selection,
 )
@@ -80,15 +81,7 @@ class TensorferryModelLoader(BaseModelLoader):
             missing = _expected(model) - set(loaded)
             if missing:
                 raise missing_error(uri, missing)
-        seconds = time.monotonic() - t0
-        log.info(
-            "tensorferry: %d tensors (%.3f GB) from %s into the model in %.2f s (%s; first "
-            "tensor at %.2f s, %.2f s waiting for tensors, %.2f s copying)",
-            weights.count, weights.bytes / 1e9, uri, seconds,
-            "attached to the resident model" if attached else "streamed as they landed",
-            (weights.first or t0) - t0, weights.waited,
-            (weights.last or t0) - (weights.first or t0) - weights.waited,
-        )  # fmt: skip
+        log.info("%s", loaded_line(weights, uri, since=t0, attached=attached))
 
 
 def _device(option: str) -> str:

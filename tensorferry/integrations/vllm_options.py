@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,25 +93,30 @@ class Weights:
     """The tensors of a load as vLLM's ``load_weights`` takes them, remembering which one
     is being handed over, so an error inside vLLM's weight loaders can name it."""
 
-    def __init__(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def __init__(
+        self, pairs: Iterable[tuple[str, torch.Tensor]], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._pairs = pairs
+        self.clock = clock
         self.current: tuple[str, torch.Tensor] | None = None
         self.count = 0
         self.bytes = 0
         self.names: set[str] = set()
         #: Monotonic times: created, first tensor handed over, last one taken back.
-        self.started = time.monotonic()
+        self.started = clock()
         self.first = self.last = 0.0
-        #: Seconds spent waiting for the next tensor (the rest is vLLM's copying).
+        #: Seconds spent waiting for the next tensor once the first had come (the rest of
+        #: the time from the first to the last is vLLM's copying).
         self.waited = 0.0
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         pairs = iter(self._pairs)
         while True:
-            t0 = time.monotonic()
+            t0 = self.clock()
             pair = next(pairs, None)
-            now = time.monotonic()
-            self.waited += now - t0
+            now = self.clock()
+            if self.first:  # the wait for the first one is its own figure, ``first``
+                self.waited += now - t0
             if pair is None:
                 break
             name, tensor = pair
@@ -122,7 +127,7 @@ class Weights:
             self.names.add(name)
             yield name, tensor
         self.current = None
-        self.last = time.monotonic()
+        self.last = self.clock()
 
     def mismatch(self, uri: str, exc: BaseException) -> TensorferryError:
         """vLLM refused the tensor being handed over (shape, dtype): say which."""
@@ -135,6 +140,21 @@ class Weights:
             f"the model vLLM built from its config: {detail}; the checkpoint and config.json "
             "must describe the same model"
         )
+
+
+def loaded_line(weights: Weights, uri: str, *, since: float, attached: bool) -> str:
+    """The loader's log line once ``weights`` are in the model (``since``: the request).
+    Its three parts add up to the time until the last tensor was taken: to the first
+    tensor, waiting for the others, and vLLM copying them."""
+    now = weights.clock()
+    first = weights.first or weights.last or now  # no tensor: no copying either
+    copying = (weights.last or now) - first - weights.waited
+    how = "attached to the resident model" if attached else "streamed as they landed"
+    return (
+        f"tensorferry: {weights.count} tensors ({weights.bytes / 1e9:.3f} GB) from {uri} into "
+        f"the model in {now - since:.2f} s ({how}; first tensor at {first - since:.2f} s, "
+        f"{weights.waited:.2f} s waiting for tensors, {copying:.2f} s copying)"
+    )
 
 
 def missing_error(uri: str, missing: Iterable[str]) -> InvalidArtifact:
