@@ -129,6 +129,20 @@ def check_link(settings: Settings, report: Report, sys_net: Path = SYS_NET) -> N
         report("ok", what, "")
 
 
+def check_hardlinks(
+    settings: Settings, report: Report, sysctl: Path = Path("/proc/sys/fs/protected_hardlinks")
+) -> None:
+    """Local sources are opened with no symlink followed; a hard link is a file like any
+    other, so the kernel's rule is what keeps another user's links out of the allowlist."""
+    if not any(entry.startswith(("/", "file:")) for entry in settings.allow):
+        return
+    with contextlib.suppress(OSError):
+        if sysctl.read_text().strip() == "0":
+            report("warn", "fs.protected_hardlinks = 0", "set it to 1 (sysctl): without it, "
+                   "a user who can write into an allowlisted directory can hard-link any file "
+                   "the daemon can read (its credentials) into it and fetch it")  # fmt: skip
+
+
 def run(settings: Settings, print_line: Callable[[str], None] = print) -> int:
     failures = 0
 
@@ -142,5 +156,6 @@ def run(settings: Settings, print_line: Callable[[str], None] = print) -> int:
     check_gpus(report)
     check_link(settings, report)
     check_socket(settings, report)
+    check_hardlinks(settings, report)
     asyncio.run(_check_sources(settings, report))
     return 1 if failures else 0

@@ -73,6 +73,10 @@ class Waiting:
     def _streamed(self, arrivals: Arrivals) -> Iterator[pb.LoadEvent]:
         if not self.announced:
             self.announced = True
+            # The worker maps the arena and may hand out views before it holds a lease: if
+            # the model is evicted before the ready event, its pages must never become
+            # another model's (a recycled arena).
+            self.model.released_early = True
             yield from table_events(arrivals.plan)
             arena = pb.Arena(
                 model_id=self.model.id, tensor_count=len(arrivals.plan.tensors),

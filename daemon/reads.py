@@ -18,6 +18,8 @@ from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
+#: The range size ``[s3] range_deadline`` is meant for (the default chunk).
+_RANGE_BYTES = 8 << 20
 
 
 class Reads:
@@ -33,9 +35,11 @@ class Reads:
     async def read(self, obj: ObjectInfo, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of ``obj``, asked again after errors that may pass."""
         policy, attempt = self.policy, 0
+        # The deadline is one data range's; a 100 MB header gets the time of its size.
+        deadline = policy.range_deadline * max(1.0, length / _RANGE_BYTES)
         while True:
             try:
-                async with asyncio.timeout(policy.range_deadline):
+                async with asyncio.timeout(deadline):
                     return await self.store.read(obj, start, length)
             except (StoreUnavailable, TimeoutError) as exc:
                 attempt += 1
@@ -44,7 +48,7 @@ class Reads:
                     detail = (
                         exc.message
                         if isinstance(exc, StoreUnavailable)
-                        else f"{what}: no answer within {policy.range_deadline:g} s"
+                        else f"{what}: no answer within {deadline:g} s"
                     )
                     raise StoreUnavailable(gave_up(detail, attempt, policy)) from exc
                 self.left -= 1

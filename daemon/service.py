@@ -120,11 +120,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             async for event in waiting.events():
                 yield event
         finally:
-            self.registry.leave(model)
-            if waiting.announced and not model.done.done():
-                # A worker that mapped the arena early may keep views past its stream's
-                # end: those pages must never become another model's.
-                model.released_early = True
+            self.registry.leave(model)  # (an arena announced early is never recycled)
         if any(m.done.cancelled() for m in group):
             raise DaemonUnavailable(
                 f"the load of {ref.uri} was cancelled (its requesters went away, or the "

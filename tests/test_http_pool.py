@@ -20,7 +20,7 @@ from tensorferry.devtools.pki import make_pki
 from tensorferry.devtools.proxy import CountingProxy
 from tensorferry.devtools.s3server import make_client
 from tensorferry.devtools.seaweed import S3Server
-from tensorferry.errors import FailedPrecondition
+from tensorferry.errors import FailedPrecondition, SourceChanged
 from tests.conftest import BUCKET
 
 PAGE = b"<html><body><h1>403 Forbidden</h1>tunnels are not allowed here</body></html>\n"
@@ -210,5 +210,32 @@ async def test_without_fallback_a_proxy_that_re_chunks_ranges_fails_saying_what_
         "chunked; tensorferry takes a range only as the object's own bytes, Content-Length "
         "long or ending with the connection: have the proxy pass range answers through "
         "unchanged, or turn [s3] proxy_fallback on to ask the store directly"
+    )
+    assert dest == bytearray(10)  # nothing landed
+
+
+async def test_without_fallback_a_proxy_serving_another_version_is_named() -> None:
+    async def stale(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b'HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/100\r\nETag: "old"\r\n'
+            b"Content-Length: 10\r\n\r\n0123456789"
+        )
+        await reader.read()
+
+    async with serving(stale) as port:
+        pool = _pool(port, fallback=False)
+        dest = bytearray(10)
+        try:
+            with pytest.raises(SourceChanged) as info:
+                await pool.get_into(
+                    "http://store.internal:8333/b/k", {"If-Match": '"new"'}, memoryview(dest), 0
+                )
+        finally:
+            await pool.aclose()
+    assert str(info.value) == (
+        f'the proxy http://127.0.0.1:{port} answered bytes 0-9 of /b/k with ETag "old", not '
+        'the planned "new": it serves another version of the object than the store lists (a '
+        "stale cache); purge it, or turn [s3] proxy_fallback on to ask the store directly"
     )
     assert dest == bytearray(10)  # nothing landed

@@ -270,3 +270,20 @@ def test_evict_by_a_uri_outside_the_allowlist_is_refused_before_it_is_listed(
                 client.load(uri)
             assert (load.value.code, load.value.message) == (info.value.code, info.value.message)
         assert proxy.stats().requests == dict.fromkeys(Kind, 0)  # nothing was listed
+
+
+async def test_an_arena_announced_to_a_streaming_worker_is_never_recycled() -> None:
+    # The worker maps the arena at the Arena event and may hand out views before its lease
+    # exists (the ready event): an eviction in between must not put those pages in the
+    # recycle pool, where the next load would write another model's bytes under the views.
+    from types import SimpleNamespace
+    from typing import cast
+
+    from tensorferry.daemon.arrivals import Arrivals
+    from tensorferry.daemon.model import Model
+
+    model = Model("m1", cast(Any, None), "s3://models/m/")
+    arrivals = SimpleNamespace(plan=SimpleNamespace(tensors=[]), grant={}, order=[])
+    events = Waiting(model, [model], stream=True)._streamed(cast(Arrivals, arrivals))
+    assert [e.WhichOneof("event") for e in events] == ["arena"]
+    assert model.released_early

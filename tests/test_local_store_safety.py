@@ -225,3 +225,22 @@ async def test_a_file_that_vanishes_while_listing_is_skipped(
     ref = parse_uri(str(local_root))
     listing = await list_source(ref, LocalStore(local_root, ref.uri))
     assert [o.key for o in listing] == ["model.safetensors"]
+
+
+def test_doctor_warns_when_hard_links_are_not_protected(tmp_path: Path) -> None:
+    from tensorferry.daemon.config import Settings
+    from tensorferry.daemon.doctor import check_hardlinks
+
+    sysctl = tmp_path / "protected_hardlinks"
+    lines: list[tuple[str, str, str]] = []
+    for value, allow in (("1\n", ("/srv/models",)), ("0\n", ("s3://b/",)), ("0\n", ("/m",))):
+        sysctl.write_text(value)
+        check_hardlinks(Settings(allow=allow), lambda *line: lines.append(line), sysctl)
+    assert lines == [
+        (
+            "warn", "fs.protected_hardlinks = 0",
+            "set it to 1 (sysctl): without it, a user who can write into an allowlisted "
+            "directory can hard-link any file the daemon can read (its credentials) into it "
+            "and fetch it",
+        )
+    ]  # fmt: skip

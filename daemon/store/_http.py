@@ -24,7 +24,12 @@ from pathlib import Path
 from tensorferry.daemon.store._http_conn import Connection
 from tensorferry.daemon.store._http_head import OtherVersion, RangeMismatch, Unusable
 from tensorferry.daemon.store.proxy import Proxy, ProxyChooser, ProxyFailed, proxy_error
-from tensorferry.errors import FailedPrecondition, StoreUnavailable, TensorferryError
+from tensorferry.errors import (
+    FailedPrecondition,
+    SourceChanged,
+    StoreUnavailable,
+    TensorferryError,
+)
 
 log = logging.getLogger(__name__)
 _FALLBACK_LOG_EVERY = 10.0
@@ -169,6 +174,8 @@ class HttpPool:
         origin = parts.path + (f"?{parts.query}" if parts.query else "")
         lines = [f"Host: {parts.netloc.rpartition('@')[2]}"]
         lines.append(f"Range: bytes={start}-{start + len(dest) - 1}")
+        # Without it a proxy or CDN may compress the answer (RFC 9110), which is then refused.
+        lines.append("Accept-Encoding: identity")
         lines.extend(f"{k}: {v}" for k, v in headers.items())
         etag = next((v for k, v in headers.items() if k.lower() == "if-match"), None)
         proxy = self._proxies.for_host(scheme, host, port) if self._proxies else None
@@ -269,11 +276,17 @@ def _refusal(
 ) -> TensorferryError | HttpError:
     """The error for a 206 that must not land: never retried, as the same route gives the
     same answer again."""
-    if isinstance(exc, OtherVersion):
-        return OtherVersionAnswer(str(exc))
     store = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
     who = f"the proxy {proxy.shown}" if proxy else f"the store at {store}"
     what = f"bytes {start}-{start + length - 1} of {url.path}"
+    if isinstance(exc, OtherVersion):
+        if proxy is None:
+            return OtherVersionAnswer(str(exc))
+        return SourceChanged(
+            f"{who} answered {what} with {exc}: it serves another version of the object than "
+            "the store lists (a stale cache); purge it, or turn [s3] proxy_fallback on to ask "
+            "the store directly"
+        )
     fix = (
         "have the proxy pass range answers through unchanged, or turn [s3] proxy_fallback "
         "on to ask the store directly"
