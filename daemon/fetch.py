@@ -23,17 +23,16 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import crc32c
 
-from tensorferry.daemon.config_keys import default
 from tensorferry.daemon.hedging import Hedger, read_hedged
 from tensorferry.daemon.pacing import INTERVAL, Pace
 from tensorferry.daemon.planner import Range
+from tensorferry.daemon.retries import Budget, FetchPolicy, cause, gave_up
 from tensorferry.daemon.store.base import METER, BodyMeter, Store
 from tensorferry.daemon.tasks import task_group
 from tensorferry.daemon.threads import run_to_end
@@ -48,34 +47,6 @@ CHECKSUM_READS = 3
 _THREAD_CRC_BYTES = 1 << 20
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FetchPolicy:
-    """How a load fetches: retries and deadlines, how far its GETs in flight may grow
-    (``pacing.Pace``) and whether stragglers are hedged (``hedging.Hedger``)."""
-
-    #: Attempts per range, the first included.
-    attempts: int = default("s3.attempts")
-    #: Retries allowed per load, on top of one per 8 ranges (a few flaky ranges are
-    #: normal; hundreds mean the store is down and the load should fail fast).
-    budget: int = default("s3.retry_budget")
-    base_delay: float = 0.05
-    max_delay: float = 2.0
-    #: Wall-clock limit for one attempt at one range.
-    range_deadline: float = default("s3.range_deadline")
-    #: Workers the load may grow to (0 or below the start: a fixed number).
-    max_concurrency: int = default("s3.max_concurrency")
-    #: Bytes per second at which growth stops (0: while it pays).
-    target_rate: int = default("s3.target_rate")
-    #: Bytes per second the host's link is believed to carry (``daemon.link``): the first
-    #: step may jump to the GETs in flight it needs. 0: doubling only.
-    link_rate: float = 0.0
-    hedge: bool = default("s3.hedge")
-
-    def delay(self, attempt: int) -> float:
-        # "Full jitter": spreads retries of many ranges that failed together.
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-
-
 @dataclasses.dataclass(slots=True)
 class FetchStats:
     bytes: int = 0
@@ -87,28 +58,6 @@ class FetchStats:
     finished: float = 0.0
     hedges: int = 0  # ranges requested a second time as stragglers
     workers: int = 0  # GETs in flight the load settled on
-
-
-def gave_up(detail: str, attempt: int, policy: FetchPolicy) -> str:
-    """The message of a read that is not tried again: why, unless nothing was to be retried."""
-    if attempt >= policy.attempts == 1:
-        return detail  # [s3] attempts = 1: the first error is the whole story
-    reason = "attempts" if attempt >= policy.attempts else "the load's retry budget"
-    tries = f"{attempt} attempt" + ("s" if attempt != 1 else "")
-    return f"{detail} (gave up after {tries}; {reason} exhausted)"
-
-
-def _cause(exc: BaseException) -> str:
-    message = str(exc)
-    for marker in ("Content-Range", "Content-Length", "timed out", "HTTP 5", "Connection"):
-        if marker in message:
-            return marker.lower().replace(" ", "-")
-    return type(exc).__name__
-
-
-class _Budget:
-    def __init__(self, total: int) -> None:
-        self.left = total
 
 
 def _first_bad_chunk(r: Range, dest: memoryview) -> tuple[int, int] | None:
@@ -126,7 +75,7 @@ async def _verify(r: Range, dest: memoryview) -> tuple[int, int] | None:
 
 
 async def _fetch_one(
-    store: Store, r: Range, dest: memoryview, policy: FetchPolicy, budget: _Budget,
+    store: Store, r: Range, dest: memoryview, policy: FetchPolicy, budget: Budget,
     stats: FetchStats, hedger: Hedger | None,
 ) -> None:  # fmt: skip
     attempt = mismatches = 0
@@ -145,7 +94,7 @@ async def _fetch_one(
                 raise StoreUnavailable(gave_up(detail, attempt, policy)) from exc
             budget.left -= 1
             stats.retries += 1
-            stats.causes[_cause(exc)] += 1
+            stats.causes[cause(exc)] += 1
             log.info("retrying %s (attempt %d): %s", what, attempt + 1, exc)
             await asyncio.sleep(policy.delay(attempt))
             continue
@@ -203,7 +152,7 @@ class _Shared:
 
     jobs: Iterator[Any]
     policy: FetchPolicy
-    budget: _Budget
+    budget: Budget
     stats: FetchStats
     pace: Pace
     hedger: Hedger | None
@@ -259,7 +208,7 @@ async def fetch_ranges(
         stats.started,
     )  # fmt: skip
     shared = _Shared(
-        iter(jobs), policy, _Budget(policy.budget + len(jobs) // 8), stats, pace,
+        iter(jobs), policy, Budget(policy.budget + len(jobs) // 8), stats, pace,
         Hedger(len(jobs)) if policy.hedge else None, progress,
     )  # fmt: skip
     # The workers' tasks inherit the meter: their connections count into it.

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from tensorferry.daemon.arrivals import Arrivals
 from tensorferry.daemon.config import Settings
 from tensorferry.daemon.cpu_load import Loaded, OnLanded
-from tensorferry.daemon.fetch import FetchPolicy
 from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
 from tensorferry.daemon.link import link_rate
 from tensorferry.daemon.model import Model, ModelKey
@@ -30,6 +29,7 @@ from tensorferry.daemon.planner_prepared import (
     read_manifest,
 )
 from tensorferry.daemon.records import LoadRecord, RecentLoads
+from tensorferry.daemon.retries import FetchPolicy
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.source import Source, SourceRef, list_source, read_source
 from tensorferry.daemon.store.base import ObjectInfo, Store

@@ -34,7 +34,7 @@ from tensorferry.format.manifest import (
 )
 
 if TYPE_CHECKING:
-    from tensorferry.daemon.fetch import FetchPolicy
+    from tensorferry.daemon.retries import FetchPolicy
 
 
 def is_prepared(listing: list[ObjectInfo]) -> bool:

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import logging
 
-from tensorferry.daemon.fetch import FetchPolicy, _cause, gave_up
+from tensorferry.daemon.retries import FetchPolicy, cause, gave_up
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.errors import StoreUnavailable
 
@@ -52,6 +52,6 @@ class Reads:
                     )
                     raise StoreUnavailable(gave_up(detail, attempt, policy)) from exc
                 self.left -= 1
-                self.causes[_cause(exc)] += 1
+                self.causes[cause(exc)] += 1
                 log.info("retrying %s (attempt %d): %s", what, attempt + 1, exc)
                 await asyncio.sleep(policy.delay(attempt))

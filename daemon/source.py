@@ -41,7 +41,7 @@ from tensorferry.format.safetensors import (
 )
 
 if TYPE_CHECKING:
-    from tensorferry.daemon.fetch import FetchPolicy
+    from tensorferry.daemon.retries import FetchPolicy
 
 MAX_INDEX_BYTES = 64 << 20
 #: Linux's limits on a path (PATH_MAX less its final NUL) and on one name in it.

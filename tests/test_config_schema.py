@@ -23,8 +23,8 @@ from tensorferry.daemon.config import (
     load_settings,
 )
 from tensorferry.daemon.config_keys import KEYS, Key, shown_default
-from tensorferry.daemon.fetch import FetchPolicy
 from tensorferry.daemon.gpu.settings import CudaSettings
+from tensorferry.daemon.retries import FetchPolicy
 from tensorferry.errors import ConfigError, TensorferryError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,13 +11,12 @@ import pytest
 
 from tensorferry.daemon.fetch import (
     Destination,
-    FetchPolicy,
     FetchStats,
-    _Budget,
     _fetch_one,
     fetch_ranges,
 )
 from tensorferry.daemon.planner import Range
+from tensorferry.daemon.retries import Budget, FetchPolicy
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.errors import DataLoss
 
@@ -68,7 +67,7 @@ def checked(start: int) -> Range:
 
 async def test_each_re_read_spends_the_budget() -> None:
     store, dest = CorruptingStore({0: 2}), IntoBuffer()
-    budget, stats = _Budget(3), FetchStats()
+    budget, stats = Budget(3), FetchStats()
     r, view = dest.place(checked(0), None)
     await _fetch_one(store, r, view, FetchPolicy(hedge=False), budget, stats, None)
     assert bytes(view) == DATA[:RANGE]
