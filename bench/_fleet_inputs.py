@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tensorferry.daemon.config_keys import default
-from tensorferry.daemon.hedging import MIN_HEDGE_SECONDS, SLOW
-from tensorferry.daemon.pacing import INTERVAL
+from tensorferry.daemon.config.keys import default
+from tensorferry.daemon.fetch.hedging import MIN_HEDGE_SECONDS, SLOW
+from tensorferry.daemon.fetch.pacing import INTERVAL
 from tensorferry.devtools.s3link import LinkShape
 
 Floats = npt.NDArray[np.float64]

@@ -3,7 +3,7 @@
 What is modelled, per host: the daemon's range GETs as a fluid. A host with ``c`` GETs in
 flight on a link with first-byte latency ``lat`` and ``r`` bytes/s per connection moves
 ``c * S / (lat + S / min(r, nic / c))`` bytes/s (S = the range size). ``c`` is the daemon's
-own pacing controller, ``tensorferry.daemon.pacing.Pace`` itself, sampled every INTERVAL
+own pacing controller, ``tensorferry.daemon.fetch.pacing.Pace`` itself, sampled every INTERVAL
 from the host's bytes and 503s: 32 in flight, a jump at the first sample to what the NIC
 (``link_gbps``) needs, else doubled while a step brings >= 30 % more, up to 256 (or fewer
 when fewer ranges remain); halved by SlowDowns. Latency is the S3-like link of
@@ -56,8 +56,8 @@ import numpy.typing as npt
 import simpy
 from _fleet_inputs import Floats, Link, Params
 
-from tensorferry.daemon.config_keys import default
-from tensorferry.daemon.pacing import INTERVAL, Pace
+from tensorferry.daemon.config.keys import default
+from tensorferry.daemon.fetch.pacing import INTERVAL, Pace
 from tensorferry.daemon.store.throttle import MAX_PAUSE, MIN_PAUSE
 
 SCENARIOS = ("direct", "cache", "p2p")

@@ -36,7 +36,7 @@ from _contenders import Contenders, runai_available, shm_files, tensorferry_daem
 from _measure import PeakMemory, Sample, summarize
 
 from tensorferry.client import Client
-from tensorferry.daemon.config import DEFAULT_CHUNK_SIZE
+from tensorferry.daemon.config.settings import DEFAULT_CHUNK_SIZE
 from tensorferry.daemon.gpu.settings import CudaSettings
 from tensorferry.devtools.seaweed import run_seaweed
 

@@ -32,7 +32,7 @@ import numpy as np
 from _fleet_inputs import Params
 from _fleet_model import SCENARIOS, Fleet, Outcome
 
-from tensorferry.daemon.link import ASSUMED
+from tensorferry.daemon.fetch.link import ASSUMED
 
 JSON_PATH = Path("/tmp/bench_fleet_sim.json")
 PNG_PATH = "docs/fleet_sim.png"

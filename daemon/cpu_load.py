@@ -6,9 +6,9 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from tensorferry.daemon.fetch import Destination, FetchStats, fetch_ranges
+from tensorferry.daemon.fetch.retries import FetchPolicy
+from tensorferry.daemon.fetch.scheduler import Destination, FetchStats, fetch_ranges
 from tensorferry.daemon.planner import Plan, Range
-from tensorferry.daemon.retries import FetchPolicy
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.sinks.cuda import CudaArena
 from tensorferry.daemon.store.base import Store

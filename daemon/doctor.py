@@ -17,8 +17,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tensorferry.daemon.config import Settings
-from tensorferry.daemon.link import SYS_NET, link_rate
+from tensorferry.daemon.config.settings import Settings
+from tensorferry.daemon.fetch.link import SYS_NET, link_rate
 from tensorferry.daemon.sinks.cpu_shm import mem_available
 
 Report = Callable[[str, str, str], None]  # level, what, fix

@@ -15,10 +15,11 @@ import time
 from typing import TYPE_CHECKING
 
 from tensorferry.daemon.arrivals import Arrivals
-from tensorferry.daemon.config import Settings
+from tensorferry.daemon.config.settings import Settings
 from tensorferry.daemon.cpu_load import Loaded, OnLanded
+from tensorferry.daemon.fetch.link import link_rate
+from tensorferry.daemon.fetch.retries import FetchPolicy
 from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
-from tensorferry.daemon.link import link_rate
 from tensorferry.daemon.model import Model, ModelKey
 from tensorferry.daemon.placement import place_plan
 from tensorferry.daemon.planner import Plan, plan_load
@@ -29,7 +30,6 @@ from tensorferry.daemon.planner_prepared import (
     read_manifest,
 )
 from tensorferry.daemon.records import LoadRecord, RecentLoads
-from tensorferry.daemon.retries import FetchPolicy
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.source import Source, SourceRef, list_source, read_source
 from tensorferry.daemon.store.base import ObjectInfo, Store

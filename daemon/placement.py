@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from tensorferry.daemon.cpu_load import Loaded, OnLanded, check_model_size, load_plan
 from tensorferry.daemon.devices import CPU
+from tensorferry.daemon.fetch.retries import FetchPolicy
 from tensorferry.daemon.gpu.load import load_plan_cuda
 from tensorferry.daemon.planner import Plan
-from tensorferry.daemon.retries import FetchPolicy
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.store.base import Store
 

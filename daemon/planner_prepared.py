@@ -12,6 +12,7 @@ import dataclasses
 import operator
 from typing import TYPE_CHECKING
 
+from tensorferry.daemon.fetch.reads import Reads
 from tensorferry.daemon.planner import (
     ARENA_ALIGN,
     STEP,
@@ -21,7 +22,6 @@ from tensorferry.daemon.planner import (
     align_up,
     selector,
 )
-from tensorferry.daemon.reads import Reads
 from tensorferry.daemon.steps import Steps, at_once, stepwise
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.errors import InvalidArtifact, InvalidRequest
@@ -34,7 +34,7 @@ from tensorferry.format.manifest import (
 )
 
 if TYPE_CHECKING:
-    from tensorferry.daemon.retries import FetchPolicy
+    from tensorferry.daemon.fetch.retries import FetchPolicy
 
 
 def is_prepared(listing: list[ObjectInfo]) -> bool:

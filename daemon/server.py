@@ -17,16 +17,17 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorferry.daemon import systemd
-from tensorferry.daemon.admission import Admission, Gate
-from tensorferry.daemon.config import ConfigError, Settings, TcpSettings
+from tensorferry.daemon.config.settings import ConfigError, Settings, TcpSettings
 from tensorferry.daemon.gpu.runtime import open_cuda
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.metrics import Metrics
-from tensorferry.daemon.peers import serve_peers
 from tensorferry.daemon.records import RecentLoads
 from tensorferry.daemon.registry import Registry
-from tensorferry.daemon.service import LoaderService
+from tensorferry.daemon.rpc.admission import Admission, Gate
+from tensorferry.daemon.rpc.peers import serve_peers
+from tensorferry.daemon.rpc.service import LoaderService
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.store.base import StoreEvents
 from tensorferry.daemon.store.cache import DiskTier
 from tensorferry.daemon.store.s3 import S3Backend
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
@@ -101,7 +102,8 @@ async def run_daemon(
         cuda = await stack.enter_async_context(
             open_cuda(settings.cuda, chunk_size=settings.s3.chunk_size, instance=sink.instance)
         )
-        backend = await _open_s3(stack, settings)
+        events = StoreEvents()
+        backend = await _open_s3(stack, settings, events)
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         tier = None
         if settings.cache_dir is not None:
@@ -117,9 +119,9 @@ async def run_daemon(
         if settings.metrics_listen:
             metrics = Metrics(registry)
             recent.subscribe(metrics.observe)
-            if backend is not None:
-                backend.on_get = metrics.get_seconds.observe
-                backend.pool.on_fallback = metrics.proxy_fallbacks.inc
+            events.subscribe(
+                get_seconds=metrics.get_seconds.observe, fallback=metrics.proxy_fallbacks.inc
+            )
             metrics.serve(settings.metrics_listen)
             stack.callback(metrics.close)
         stack.callback(registry.cancel_loads)  # runs before close: loads stop, then arenas go
@@ -175,7 +177,9 @@ async def run_daemon(
             await server.stop(max(deadline - time.monotonic(), 0.1))
 
 
-async def _open_s3(stack: contextlib.AsyncExitStack, settings: Settings) -> S3Backend | None:
+async def _open_s3(
+    stack: contextlib.AsyncExitStack, settings: Settings, events: StoreEvents
+) -> S3Backend | None:
     """The S3 client, or None where aiobotocore is not installed: GPU images often lack it
     and reach no index, and a daemon serving local directories needs none."""
     try:
@@ -187,7 +191,7 @@ async def _open_s3(stack: contextlib.AsyncExitStack, settings: Settings) -> S3Ba
             "'tensorferry[daemon]' to read s3:// sources", exc,
         )  # fmt: skip
         return None
-    return await stack.enter_async_context(S3Backend(settings.s3))
+    return await stack.enter_async_context(S3Backend(settings.s3, events))
 
 
 async def _drain(service: LoaderService, grace: float) -> None:

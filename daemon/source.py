@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tensorferry.daemon.config import DEFAULT_MAX_TENSORS, Settings, normalize_allow_entry
+from tensorferry.daemon.config.settings import DEFAULT_MAX_TENSORS, Settings, normalize_allow_entry
+from tensorferry.daemon.fetch.reads import Reads
 from tensorferry.daemon.offload import OFFLOAD_BYTES, in_child
-from tensorferry.daemon.reads import Reads
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.daemon.tasks import task_group
 from tensorferry.errors import (
@@ -41,7 +41,7 @@ from tensorferry.format.safetensors import (
 )
 
 if TYPE_CHECKING:
-    from tensorferry.daemon.retries import FetchPolicy
+    from tensorferry.daemon.fetch.retries import FetchPolicy
 
 MAX_INDEX_BYTES = 64 << 20
 #: Linux's limits on a path (PATH_MAX less its final NUL) and on one name in it.

@@ -1,5 +1,5 @@
 """Regenerate the configuration table of docs/operations.md from the schema
-(daemon/config_keys.py): the only way it is made.
+(daemon/config/keys.py): the only way it is made.
 
 Usage: python scripts/gen_config_docs.py [--check]
 --check fails, changing nothing, if the committed table differs.
@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from tensorferry.daemon.config_keys import markdown_table
+from tensorferry.daemon.config.keys import markdown_table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
-BEGIN = "<!-- config table: generated from daemon/config_keys.py by scripts/gen_config_docs.py -->"
+BEGIN = "<!-- config table: generated from daemon/config/keys.py by scripts/gen_config_docs.py -->"
 END = "<!-- end of config table -->"
 
 

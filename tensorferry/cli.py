@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from tensorferry.daemon.config import load_settings
+    from tensorferry.daemon.config.settings import load_settings
     from tensorferry.daemon.server import AlreadyRunning, install_signal_handlers, run_daemon
 
     try:
@@ -54,7 +54,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from tensorferry.daemon.config import load_settings
+    from tensorferry.daemon.config.settings import load_settings
 
     return load_settings(args.config, socket=args.socket)
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-import tensorferry.daemon.config
+import tensorferry.daemon.config.settings
 from tensorferry.cli import main as cli_main
-from tensorferry.daemon.config import (
+from tensorferry.daemon.config.keys import KEYS, Key, shown_default
+from tensorferry.daemon.config.settings import (
     Limits,
     S3Settings,
     Settings,
@@ -22,9 +23,8 @@ from tensorferry.daemon.config import (
     load_s3_settings,
     load_settings,
 )
-from tensorferry.daemon.config_keys import KEYS, Key, shown_default
+from tensorferry.daemon.fetch.retries import FetchPolicy
 from tensorferry.daemon.gpu.settings import CudaSettings
-from tensorferry.daemon.retries import FetchPolicy
 from tensorferry.errors import ConfigError, TensorferryError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_fetch_policy_defaults_are_the_s3_sections() -> None:
 def test_config_error_joined_the_hierarchy() -> None:
     assert issubclass(ConfigError, TensorferryError)
     assert issubclass(ConfigError, ValueError)  # what callers caught before
-    assert tensorferry.daemon.config.ConfigError is ConfigError
+    assert tensorferry.daemon.config.settings.ConfigError is ConfigError
 
 
 def test_an_old_key_name_is_still_read(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tensorferry.cuda import DeviceInfo, cuda_ordinals, normalize_pci
-from tensorferry.daemon.config import ConfigError, load_settings
+from tensorferry.daemon.config.settings import ConfigError, load_settings
 from tensorferry.daemon.devices import check_device, resolve_devices
 from tensorferry.daemon.gpu.layout import GPU_ALIGN, Piece, gpu_layout, place_tensors
 from tensorferry.daemon.planner import Plan, PlannedTensor, Range

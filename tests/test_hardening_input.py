@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorferry.daemon.config import ConfigError, load_settings
+from tensorferry.daemon.config.settings import ConfigError, load_settings
 from tensorferry.daemon.source import list_source, listing_version, parse_uri, read_source
 from tensorferry.daemon.store.base import ObjectInfo
 from tensorferry.daemon.store.local import LocalStore

@@ -90,8 +90,8 @@ def test_getfile_and_preload_are_admitted_as_transfers(local_root: Path, uri: st
 
 
 def test_control_calls_have_a_cap_of_their_own() -> None:
-    from tensorferry.daemon.admission import Admission, CallKind
-    from tensorferry.daemon.config import Limits
+    from tensorferry.daemon.config.settings import Limits
+    from tensorferry.daemon.rpc.admission import Admission, CallKind
 
     gate = Admission(Limits(max_control_calls=1, max_leases=1))
     with (
@@ -134,7 +134,7 @@ def test_a_getfile_its_client_gave_up_on_is_no_error(local_root: Path, uri: str)
 
 
 def test_every_rpc_of_the_service_has_an_admission_class() -> None:
-    from tensorferry.daemon.admission import KINDS
+    from tensorferry.daemon.rpc.admission import KINDS
     from tensorferry.v1 import tensorferry_pb2 as pb
 
     methods = pb.DESCRIPTOR.services_by_name["Loader"].methods_by_name

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorferry.daemon.hedging import MIN_HEDGE_SECONDS, SLOW, Hedger
+from tensorferry.daemon.fetch.hedging import MIN_HEDGE_SECONDS, SLOW, Hedger
 from tensorferry.daemon.store.base import GetTiming
 from tensorferry.devtools.modelgen import write_model
 from tensorferry.devtools.proxy import Fault, FaultHook, Kind, RequestInfo

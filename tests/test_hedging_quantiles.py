@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tensorferry.daemon.hedging import MIN_SAMPLES, _Quantile
+from tensorferry.daemon.fetch.hedging import MIN_SAMPLES, _Quantile
 
 
 def exact(samples: list[float], q: float) -> float:

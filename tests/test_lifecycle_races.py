@@ -18,11 +18,11 @@ import pytest
 
 from tensorferry.client import Client
 from tensorferry.client._stream import Assembler
-from tensorferry.daemon.config import Settings
-from tensorferry.daemon.load_events import Waiting
+from tensorferry.daemon.config.settings import Settings
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.records import RecentLoads
 from tensorferry.daemon.registry import Registry
+from tensorferry.daemon.rpc.load_events import Waiting
 from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
 from tensorferry.daemon.source import parse_uri
 from tensorferry.devtools.modelgen import write_model

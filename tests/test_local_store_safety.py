@@ -228,7 +228,7 @@ async def test_a_file_that_vanishes_while_listing_is_skipped(
 
 
 def test_doctor_warns_when_hard_links_are_not_protected(tmp_path: Path) -> None:
-    from tensorferry.daemon.config import Settings
+    from tensorferry.daemon.config.settings import Settings
     from tensorferry.daemon.doctor import check_hardlinks
 
     sysctl = tmp_path / "protected_hardlinks"

@@ -8,10 +8,10 @@ import threading
 import time
 from pathlib import Path
 
-from tensorferry.daemon.config import S3Settings, Settings
+from tensorferry.daemon.config.settings import S3Settings, Settings
 from tensorferry.daemon.doctor import check_link
-from tensorferry.daemon.link import LinkRate, link_rate
-from tensorferry.daemon.pacing import Pace
+from tensorferry.daemon.fetch.link import LinkRate, link_rate
+from tensorferry.daemon.fetch.pacing import Pace
 from tensorferry.daemon.store._http_conn import LOWAT
 from tensorferry.daemon.store.throttle import MIN_PAUSE, BucketThrottle, Throttles
 from tensorferry.devtools.modelgen import write_model

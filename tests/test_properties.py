@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tensorferry.daemon.config import Settings
+from tensorferry.daemon.config.settings import Settings
 from tensorferry.daemon.planner import make_plan
+from tensorferry.daemon.rpc.validation import check_select
 from tensorferry.daemon.source import Source, check_allowed, parse_uri
 from tensorferry.daemon.store.base import ObjectInfo
-from tensorferry.daemon.validation import check_select
 from tensorferry.errors import AccessDenied, InvalidArtifact, InvalidRequest, SourceNotAllowed
 from tensorferry.format.safetensors import DTYPE_SIZES, parse_header
 

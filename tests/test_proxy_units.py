@@ -7,7 +7,7 @@ import pytest
 
 from tensorferry import env
 from tensorferry.cli import main as cli_main
-from tensorferry.daemon.config import S3Settings, load_settings
+from tensorferry.daemon.config.settings import S3Settings, load_settings
 from tensorferry.daemon.store.proxy import (
     Proxy,
     ProxyChooser,

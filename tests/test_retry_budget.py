@@ -9,14 +9,14 @@ import collections
 import crc32c
 import pytest
 
-from tensorferry.daemon.fetch import (
+from tensorferry.daemon.fetch.retries import Budget, FetchPolicy
+from tensorferry.daemon.fetch.scheduler import (
     Destination,
     FetchStats,
     _fetch_one,
     fetch_ranges,
 )
 from tensorferry.daemon.planner import Range
-from tensorferry.daemon.retries import Budget, FetchPolicy
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.errors import DataLoss
 

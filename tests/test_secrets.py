@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tensorferry.cli import main as cli_main
-from tensorferry.daemon.config import S3Settings, load_settings
+from tensorferry.daemon.config.settings import S3Settings, load_settings
 from tensorferry.daemon.store.proxy import ProxyChooser, redact
 from tensorferry.daemon.store.s3 import S3Backend
 from tensorferry.errors import ConfigError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorferry.daemon.config import ConfigError, Settings, load_settings, parse_size
+from tensorferry.daemon.config.settings import ConfigError, Settings, load_settings, parse_size
 from tensorferry.daemon.source import check_allowed, parse_uri
 from tensorferry.errors import InvalidArtifact, InvalidRequest, SourceNotAllowed
 from tensorferry.format.safetensors import parse_header

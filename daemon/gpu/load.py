@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from tensorferry.cuda import CudaError, DeviceInfo
-from tensorferry.daemon.fetch import Destination, FetchStats, fetch_ranges
+from tensorferry.daemon.fetch.retries import FetchPolicy
+from tensorferry.daemon.fetch.scheduler import Destination, FetchStats, fetch_ranges
 from tensorferry.daemon.gpu.layout import Job, gpu_layout
 from tensorferry.daemon.gpu.ring import Slot
 from tensorferry.daemon.gpu.runtime import CudaRuntime
 from tensorferry.daemon.planner import Plan, Range
-from tensorferry.daemon.retries import FetchPolicy
 from tensorferry.daemon.sinks.cuda import CudaArena
 from tensorferry.daemon.store.base import Store
 from tensorferry.errors import InternalError

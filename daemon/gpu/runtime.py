@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from tensorferry.cuda import CudaApi, DeviceInfo, real_api
-from tensorferry.daemon.config import ConfigError
+from tensorferry.daemon.config.settings import ConfigError
 from tensorferry.daemon.gpu.h2d import CopyEngine
 from tensorferry.daemon.gpu.ring import PinnedRing
 from tensorferry.daemon.gpu.settings import CudaSettings

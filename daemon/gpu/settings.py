@@ -22,7 +22,7 @@ import dataclasses
 from typing import Any
 
 from tensorferry.cuda import FakeDevice
-from tensorferry.daemon.config_keys import CUDA_APIS, check, default, read
+from tensorferry.daemon.config.keys import CUDA_APIS, check, default, read
 from tensorferry.errors import ConfigError
 
 #: The accepted values of ``[cuda] api``.

@@ -18,11 +18,11 @@ import ssl
 import time
 import urllib.parse
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 from tensorferry.daemon.store._http_conn import Connection
 from tensorferry.daemon.store._http_head import OtherVersion, RangeMismatch, Unusable
+from tensorferry.daemon.store.base import StoreEvents
 from tensorferry.daemon.store.proxy import Proxy, ProxyChooser, ProxyFailed, proxy_error
 from tensorferry.errors import (
     FailedPrecondition,
@@ -77,6 +77,7 @@ class HttpPool:
         proxies: ProxyChooser | None = None,
         fallback: bool = True,
         ca_bundle: Path | None = None,
+        events: StoreEvents | None = None,
     ) -> None:
         self._limit = limit
         self._connect_timeout = connect_timeout
@@ -90,7 +91,7 @@ class HttpPool:
         self.open_connections = 0
         #: Ranges asked of the store directly after the proxy failed them.
         self.fallbacks = 0
-        self.on_fallback: Callable[[], None] = lambda: None
+        self._events = events or StoreEvents()
         self._fallback_logged = -_FALLBACK_LOG_EVERY
 
     def _tls(self) -> ssl.SSLContext:
@@ -211,7 +212,7 @@ class HttpPool:
 
     def _count_fallback(self, exc: ProxyFailed) -> None:
         self.fallbacks += 1
-        self.on_fallback()
+        self._events.fell_back()
         now = time.monotonic()
         if now - self._fallback_logged >= _FALLBACK_LOG_EVERY:
             self._fallback_logged = now

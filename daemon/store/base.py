@@ -80,3 +80,28 @@ class GetTiming:
 TIMING: contextvars.ContextVar[GetTiming | None] = contextvars.ContextVar(
     "tensorferry_timing", default=None
 )
+
+
+class StoreEvents:
+    """What the store layer reports as it works, to whoever subscribed (the metrics):
+    handed to the backend and its pools when they are built, so none is patched later."""
+
+    def __init__(self) -> None:
+        self._gets: list[Callable[[float], None]] = []
+        self._fallbacks: list[Callable[[], None]] = []
+
+    def subscribe(
+        self, *, get_seconds: Callable[[float], None], fallback: Callable[[], None]
+    ) -> None:
+        self._gets.append(get_seconds)
+        self._fallbacks.append(fallback)
+
+    def got(self, seconds: float) -> None:
+        """A range GET succeeded in ``seconds``."""
+        for observe in self._gets:
+            observe(seconds)
+
+    def fell_back(self) -> None:
+        """A range a proxy failed was asked of the store directly."""
+        for count in self._fallbacks:
+            count()

@@ -11,14 +11,13 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from tensorferry import env
-from tensorferry.daemon.config import S3Settings
+from tensorferry.daemon.config.settings import S3Settings
 from tensorferry.daemon.store._http import HttpError, HttpPool, transport_error
-from tensorferry.daemon.store.base import METER, ObjectInfo, Store
+from tensorferry.daemon.store.base import METER, ObjectInfo, Store, StoreEvents
 from tensorferry.daemon.store.proxy import ProxyChooser, ProxyFailed
 from tensorferry.daemon.store.throttle import Throttles
 from tensorferry.errors import (
@@ -64,8 +63,10 @@ def map_store_error(what: str, code: str, status: int, bucket: str) -> Tensorfer
 class S3Backend:
     """The daemon's S3 client and connection pools, opened once at start."""
 
-    def __init__(self, settings: S3Settings) -> None:
+    def __init__(self, settings: S3Settings, events: StoreEvents | None = None) -> None:
         self.settings = settings
+        #: Told of each successful range GET's duration and each proxy fallback (metrics).
+        self.events = events or StoreEvents()
         self.proxies = ProxyChooser(settings.proxy, env.proxy_variables())
         self.pool = HttpPool(
             # Every load's GETs to one host share these: as many as a load may grow to.
@@ -75,11 +76,10 @@ class S3Backend:
             proxies=self.proxies,
             fallback=settings.proxy_fallback,
             ca_bundle=settings.ca_bundle,
+            events=self.events,
         )
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
-        #: Called with each successful range GET's duration (metrics).
-        self.on_get: Callable[[float], None] = lambda seconds: None
         #: Per-bucket SlowDown pauses, shared by every load.
         self.throttles = Throttles()
 
@@ -240,7 +240,7 @@ class S3Store(Store):
             t0 = time.monotonic()
             headers = {**self._headers, "If-Match": obj.etag}
             await self.backend.pool.get_into(url, headers, dest, start)
-            self.backend.on_get(time.monotonic() - t0)
+            self.backend.events.got(time.monotonic() - t0)
         except Exception as exc:
             self._urls.pop(obj.key, None)  # a 403 after a key rotation: sign anew next time
             if isinstance(exc, HttpError) and exc.status == 503:

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tensorferry.daemon.config import ConfigError, S3Settings, load_s3_settings, parse_size
+from tensorferry.daemon.config.settings import ConfigError, S3Settings, load_s3_settings, parse_size
 from tensorferry.daemon.source import SourceRef, parse_uri
 from tensorferry.daemon.store.factory import open_store
 from tensorferry.daemon.store.s3 import S3Backend

@@ -1,6 +1,6 @@
 """The gRPC service: requests in, events out; a thin adapter over the loader and registry.
 
-Admission and error mapping wrap every handler in ``daemon.admission.Gate``; a handler
+Admission and error mapping wrap every handler in ``daemon.rpc.admission.Gate``; a handler
 only raises typed errors. A Load stream is a lease: the stream stays open after the ready
 event until the worker goes away, calls Release, or the daemon stops.
 """
@@ -17,18 +17,18 @@ from typing import Any
 import grpc
 
 from tensorferry import __version__
-from tensorferry.daemon.admission import OpenCalls
-from tensorferry.daemon.config import Settings
+from tensorferry.daemon.config.settings import Settings
 from tensorferry.daemon.devices import resolve_devices
-from tensorferry.daemon.load_events import Waiting, table_events
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.model import State
-from tensorferry.daemon.peers import Peer, Peers
 from tensorferry.daemon.records import LoadRecord, as_message
 from tensorferry.daemon.registry import Registry
+from tensorferry.daemon.rpc.admission import OpenCalls
+from tensorferry.daemon.rpc.load_events import Waiting, table_events
+from tensorferry.daemon.rpc.peers import Peer, Peers
+from tensorferry.daemon.rpc.validation import check_rank, check_select, extra_files
 from tensorferry.daemon.sinks.cpu_shm import ShmUsage
 from tensorferry.daemon.source import check_allowed, list_source, parse_uri
-from tensorferry.daemon.validation import check_rank, check_select, extra_files
 from tensorferry.errors import (
     DaemonUnavailable,
     InvalidRequest,

@@ -29,10 +29,10 @@ from typing import Any, Generic, TypeVar, cast
 
 import crc32c
 
-from tensorferry.daemon.hedging import Hedger, read_hedged
-from tensorferry.daemon.pacing import INTERVAL, Pace
+from tensorferry.daemon.fetch.hedging import Hedger, read_hedged
+from tensorferry.daemon.fetch.pacing import INTERVAL, Pace
+from tensorferry.daemon.fetch.retries import Budget, FetchPolicy, cause, gave_up
 from tensorferry.daemon.planner import Range
-from tensorferry.daemon.retries import Budget, FetchPolicy, cause, gave_up
 from tensorferry.daemon.store.base import METER, BodyMeter, Store
 from tensorferry.daemon.tasks import task_group
 from tensorferry.daemon.threads import run_to_end

@@ -7,13 +7,13 @@ each step, doubles the workers (quadruples after a step that nearly doubled thro
 up to ``s3.max_concurrency`` (or until ``s3.target_rate``);
 a step that brought less than ``GAIN`` more is taken back, and growth stops there: more
 would only queue. On loopback, where a core is the limit, the first step is taken back.
-When the load's first half second says the link (``daemon.link``) needs at least ``JUMP``
+When the load's first half second says the link (``daemon.fetch.link``) needs at least ``JUMP``
 times the starting GETs (the per-connection rate times the GETs falls that far short of
 the link's rate), the first step goes straight there: on a far store each doubling costs
 about a second. SlowDowns (503) from the store halve the GETs in flight and stop growth:
 there the store, not the link, is the limit.
 
-Stragglers are hedged in ``daemon.hedging``.
+Stragglers are hedged in ``daemon.fetch.hedging``.
 """
 
 from __future__ import annotations

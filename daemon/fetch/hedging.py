@@ -19,7 +19,7 @@ import math
 import time
 from typing import cast
 
-from tensorferry.daemon.pacing import INTERVAL
+from tensorferry.daemon.fetch.pacing import INTERVAL
 from tensorferry.daemon.store.base import TIMING, GetTiming, ObjectInfo, Store
 
 #: Ranges whose times are known before any is hedged.

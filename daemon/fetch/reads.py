@@ -13,7 +13,7 @@ import asyncio
 import collections
 import logging
 
-from tensorferry.daemon.retries import FetchPolicy, cause, gave_up
+from tensorferry.daemon.fetch.retries import FetchPolicy, cause, gave_up
 from tensorferry.daemon.store.base import ObjectInfo, Store
 from tensorferry.errors import StoreUnavailable
 

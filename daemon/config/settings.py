@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from tensorferry import env
-from tensorferry.daemon.config_keys import MiB as MiB
-from tensorferry.daemon.config_keys import check, default, read, unknown_key
-from tensorferry.daemon.config_values import Headers, host_port
-from tensorferry.daemon.config_values import normalize_allow_entry as normalize_allow_entry
-from tensorferry.daemon.config_values import parse_size as parse_size
+from tensorferry.daemon.config.keys import MiB as MiB
+from tensorferry.daemon.config.keys import check, default, read, unknown_key
+from tensorferry.daemon.config.values import Headers, host_port
+from tensorferry.daemon.config.values import normalize_allow_entry as normalize_allow_entry
+from tensorferry.daemon.config.values import parse_size as parse_size
 from tensorferry.daemon.gpu.settings import CudaSettings, cuda_settings
 
 # Kept importable from here: ConfigError lived in this module before it joined errors.py.

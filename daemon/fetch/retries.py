@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from tensorferry.daemon.config_keys import default
+from tensorferry.daemon.config.keys import default
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,7 +28,7 @@ class FetchPolicy:
     max_concurrency: int = default("s3.max_concurrency")
     #: Bytes per second at which growth stops (0: while it pays).
     target_rate: int = default("s3.target_rate")
-    #: Bytes per second the host's link is believed to carry (``daemon.link``): the first
+    #: Bytes per second the host's link is believed to carry (``daemon.fetch.link``): the first
     #: step may jump to the GETs in flight it needs. 0: doubling only.
     link_rate: float = 0.0
     hedge: bool = default("s3.hedge")

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from tensorferry.daemon.config import Limits
+from tensorferry.daemon.config.settings import Limits
 from tensorferry.errors import ResourceExhausted, TensorferryError, to_status
 
 log = logging.getLogger(__name__)

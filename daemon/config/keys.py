@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorferry import env
-from tensorferry.daemon.config_values import (
+from tensorferry.daemon.config.values import (
     Parse,
     Rule,
     addressing_style,

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tensorferry.daemon.config import ConfigError
+from tensorferry.daemon.config.settings import ConfigError
 from tensorferry.errors import InvalidRequest
 from tensorferry.peer_token import PEER_KEY, peer_socket
 

@@ -1,0 +1,1 @@
+"""Configuration: the one reader of the config file and the environment."""

@@ -1,0 +1,1 @@
+"""The fetch engine: the range scheduler, its pace, hedging, link rate, retries, workers."""
