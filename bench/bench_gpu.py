@@ -33,6 +33,7 @@ from tensorferry.daemon.gpu.h2d import CopyEngine
 from tensorferry.daemon.gpu.layout import Piece
 from tensorferry.daemon.gpu.load import load_plan_cuda
 from tensorferry.daemon.gpu.ring import PinnedRing
+from tensorferry.daemon.gpu.rings import RingSet
 from tensorferry.daemon.gpu.runtime import CudaRuntime
 from tensorferry.daemon.planner import Plan, make_plan
 from tensorferry.daemon.sinks.cuda import CudaSink
@@ -59,9 +60,9 @@ async def one_config(
     """Median GB/s of (load, h2d) for one slot size and stream count."""
     device = api.devices()[0]
     ring = PinnedRing(api, max(2, ring_bytes // slot), slot).open()
-    engine = CopyEngine(api, [device], ring, streams).start()
+    engine = CopyEngine(api, [device], [ring], streams).start()
     sink = CudaSink(api, reserve=0, instance="bench")
-    cuda = CudaRuntime(api, [device], ring, engine, sink)
+    cuda = CudaRuntime(api, [device], RingSet.single(ring), engine, sink)
     try:
         store, plan, uri = await plan_for(model, slot)
         loads: list[float] = []

@@ -4,13 +4,17 @@ One SeaweedFS on loopback and generated models. For the main comparison (default
 shards) each contender gets a warm-up run, then --runs measured runs; rounds are interleaved
 so that noise from other work on the machine hits every contender alike, and the tables show
 medians. Then the scaling runs (tensorferry and the ceiling on each --scaling size), then the
-warm-attach benchmark (bench_attach.py). The contenders are described in bench/_contenders.py.
+warm-attach benchmark (bench_attach.py), then the rows with benches of their own (--rows:
+HTTPS readers bench_tls.py, fetch workers bench_workers.py plain and https, a fresh
+daemon's first load bench_fresh.py), each printing its table. The contenders are
+described in bench/_contenders.py.
 
 GB = 1e9 bytes. CPU-s/GB is the reader's CPU (curl; the daemon's process tree; the boto3 or
 Run:ai worker); "server" is SeaweedFS's. Prints the tables, writes --json and draws --png.
 
 Usage: .venv/bin/python bench/bench_load.py [--size-mib 2048] [--shards 4] [--runs 3]
            [--runai 4,8,16] [--scaling 1024,8192] [--attach-runs 50] [--device cpu]
+           [--rows tls,workers,workers_tls,fresh]
            [--workdir DIR]
            [--json /tmp/bench_load.json] [--png /tmp/bench_load.png]
 """
@@ -40,7 +44,16 @@ from tensorferry.daemon.config.settings import DEFAULT_CHUNK_SIZE
 from tensorferry.daemon.gpu.settings import CudaSettings
 from tensorferry.devtools.seaweed import run_seaweed
 
-ATTACH = Path(__file__).resolve().with_name("bench_attach.py")
+HERE = Path(__file__).resolve().parent
+ATTACH = HERE / "bench_attach.py"
+#: The rows of issue 26 that have a bench of their own, run after the main comparison
+#: (`--rows`), each a script that writes --json: name -> (script, its arguments).
+ROWS = {
+    "tls": ("bench_tls.py", []),
+    "workers": ("bench_workers.py", []),
+    "workers_tls": ("bench_workers.py", ["--tls"]),
+    "fresh": ("bench_fresh.py", []),
+}
 
 
 def sizes(text: str) -> list[int]:
@@ -51,8 +64,12 @@ def ring_mib(device: str) -> int:
     """The daemon's pinned ring at its defaults: none on a CPU host."""
     if device == "cpu":
         return 0
+    from tensorferry.daemon.fetch.link import link_rate
+    from tensorferry.daemon.gpu.sizing import mem_total, ring_size
+
     cuda = CudaSettings()
-    return cuda.ring_slots * (cuda.slot_size or DEFAULT_CHUNK_SIZE) >> 20
+    slot = cuda.slot_size or DEFAULT_CHUNK_SIZE
+    return ring_size(cuda, slot, link_rate(0), 1, mem_total()).slots * slot >> 20
 
 
 def rounds(
@@ -156,6 +173,16 @@ def attach(runs: int, work: Path) -> dict[str, Any]:
     return result
 
 
+def row(name: str, work: Path) -> dict[str, Any]:
+    script, extra = ROWS[name]
+    print(f"==> {name}: {script} {' '.join(extra)}", flush=True)
+    out = work / f"{name}.json"
+    subprocess.run([sys.executable, str(HERE / script), *extra, "--json", str(out)],
+                   check=True, timeout=3600)  # fmt: skip
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,6 +193,8 @@ def main() -> int:
     parser.add_argument("--runai", default="4,8,16", help="concurrencies; '' skips Run:ai")
     parser.add_argument("--scaling", default="1024,8192", help="model sizes (MiB); '' skips")
     parser.add_argument("--attach-runs", type=int, default=50, help="0 skips warm attach")
+    rows_help = f"the rows with benches of their own: {','.join(ROWS)}; '' skips"
+    parser.add_argument("--rows", default=",".join(ROWS), help=rows_help)
     parser.add_argument("--device", default="cpu", help="where tensors land: cpu or cuda:N")
     parser.add_argument("--workdir", type=Path, help="keep models and S3 data here across runs")
     parser.add_argument("--json", type=Path, default=Path("/tmp/bench_load.json"))
@@ -187,6 +216,10 @@ def main() -> int:
         result, runs = bench(args, work)
         if args.attach_runs:
             result["attach"] = attach(args.attach_runs, work)
+        for name in filter(None, args.rows.split(",")):
+            if name not in ROWS:
+                parser.error(f"--rows: no row {name!r} (rows: {', '.join(ROWS)})")
+            result[name] = row(name, work)
     _report.contenders_table(result["summary"])
     _report.tensorferry_lines(result["tensorferry"])
     if result["scaling"]:

@@ -8,7 +8,7 @@ with Client() as client, client.load("s3://bucket/model/") as model:
 from tensorferry.client._aio import AsyncClient
 from tensorferry.client._client import Client
 from tensorferry.client._core import TlsConfig
-from tensorferry.client._model import LoadedModel
+from tensorferry.client._model import LoadedModel, close_released_gpu_mappings
 from tensorferry.errors import (
     AccessDenied,
     DaemonNotRunning,
@@ -35,4 +35,5 @@ __all__ = [
     "SourceNotFound",
     "TensorferryError",
     "TlsConfig",
+    "close_released_gpu_mappings",
 ]

@@ -19,7 +19,7 @@ from tensorferry.client._core import (
     lease_end_of,
     not_resident,
 )
-from tensorferry.client._model import LoadedModel, attach_model
+from tensorferry.client._model import LoadedModel, attach_model, close_released_gpu_mappings
 from tensorferry.client._stream import Assembler, AsyncTensorStream
 from tensorferry.errors import from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
@@ -164,7 +164,9 @@ class AsyncClient(ClientCore):
         return response
 
     async def close(self) -> None:
-        """Close the channel; this ends every lease this client still holds."""
+        """Close the channel; this ends every lease this client still holds. GPU mappings
+        whose views are gone are closed first (``close_released_gpu_mappings``)."""
+        close_released_gpu_mappings()
         self._closed = True
         await self._channel.close(None)
 

@@ -17,7 +17,7 @@ from tensorferry.client._core import (
     lease_end_of,
     not_resident,
 )
-from tensorferry.client._model import LoadedModel, attach_model
+from tensorferry.client._model import LoadedModel, attach_model, close_released_gpu_mappings
 from tensorferry.client._stream import Assembler, TensorStream
 from tensorferry.errors import from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
@@ -103,7 +103,9 @@ class Client(ClientCore):
 
         ``select`` takes tensor names or glob patterns: only those tensors are fetched.
         ``rank``/``world_size``: for an artifact prepared with a shard plan, only this
-        rank's slices (see `tensorferry prepare`).
+        rank's slices (see `tensorferry prepare`). On a GPU the lease ends once the views
+        are gone and an explicit point closed the mapping: ``LoadedModel.close()``, the
+        next load, ``close()`` or ``tensorferry.client.close_released_gpu_mappings()``.
         """
         self._check_open()
         assert self._channel is not None  # _check_open: not closed
@@ -211,7 +213,9 @@ class Client(ClientCore):
         return response
 
     def close(self) -> None:
-        """Close the client; leases of models whose tensors are still alive stay open."""
+        """Close the client; leases of models whose tensors are still alive stay open.
+        GPU mappings whose views are gone are closed here (``close_released_gpu_mappings``)."""
+        close_released_gpu_mappings()
         self._closed = True
         if self._channel is not None:
             self._channel.release()

@@ -3,11 +3,17 @@
 ``cuda:N`` is in this process's numbering, which may differ from the daemon's (each has
 its own CUDA_VISIBLE_DEVICES): the client sends the GPU's UUID with the request, and
 checks that the grant names that GPU. Each arena is opened once per process, however many
-loads share it; its mapping is closed (after a device sync) when the last view of the last
-load is gone, and only then does that load's lease end: the daemon frees an arena when no
-lease holds it, and freeing memory a worker still maps is undefined behaviour. When the
-sync or the close fails (a sticky error: this process's CUDA context is broken) the
-mapping may still be there, so the lease is kept until the process exits.
+loads share it. When the last view of the last load is gone, the garbage collector's
+finalizer only queues the mapping: it may run on any thread at any moment, also while an
+engine captures a CUDA graph, which a device synchronize (or an unmap) would invalidate.
+Queued mappings are closed (a device synchronize, then cudaIpcCloseMemHandle) at points the
+caller chose: ``close_released()`` (public as
+``tensorferry.client.close_released_gpu_mappings``), which ``LoadedModel.close()``,
+``Client.close()``, the integrations at the end of a load, and the next import call make.
+Only then does the load's lease end: the daemon
+frees an arena when no lease holds it, and freeing memory a worker still maps is undefined
+behaviour. When the sync or the close fails (a sticky error: this process's CUDA context
+is broken) the mapping may still be there, so the lease is kept until the process exits.
 """
 
 from __future__ import annotations
@@ -142,6 +148,26 @@ class _Mapping:
 # Reentrant: a garbage collection inside the lock may run a finalizer that takes it.
 _lock = threading.RLock()
 _open: dict[tuple[int, bytes], _Mapping] = {}
+#: Mappings whose last view is gone, with the lease ends that wait for their close.
+_released: list[tuple[_Mapping, Callable[[], None]]] = []
+
+
+def _take_released(
+    which: Callable[[_Mapping], bool],
+) -> list[tuple[_Mapping, Callable[[], None]]]:
+    """Remove the queued entries of the mappings ``which`` selects, in place (under
+    ``_lock``): a collection during the scan may run ``_last_view``, which appends (the
+    lock is reentrant), and rebuilding the list would drop that entry and its lease end."""
+    taken: list[tuple[_Mapping, Callable[[], None]]] = []
+    i = 0
+    while i < len(_released):
+        entry = _released[i]
+        if which(entry[0]):
+            del _released[i]
+            taken.append(entry)
+        else:
+            i += 1
+    return taken
 
 
 def _acquire(api: CudaApi, handle: bytes, ordinal: int) -> _Mapping:
@@ -151,12 +177,38 @@ def _acquire(api: CudaApi, handle: bytes, ordinal: int) -> _Mapping:
         if mapping is not None:
             mapping.users += 1  # first: a finalizer running now cannot close it any more
             if not mapping.closed:
-                return mapping
-            mapping.users -= 1
-        mapping = _Mapping(api, key, ordinal)
-        mapping.users = 1
-        _open[key] = mapping
-        return mapping
+                # Maybe queued for a close: in use again by this load, whose lease covers
+                # the arena, so the leases that waited for the close may end.
+                ends = [end for _, end in _take_released(lambda m: m is mapping)]
+            else:
+                mapping.users -= 1
+                mapping = None
+        if mapping is None:
+            mapping = _Mapping(api, key, ordinal)
+            mapping.users = 1
+            _open[key] = mapping
+            ends = []
+    for end in ends:
+        end()
+    return mapping
+
+
+def close_released() -> int:
+    """Close the mappings whose last view is gone (a device synchronize per mapping, then
+    cudaIpcCloseMemHandle) and end the leases that waited for them; how many were closed.
+
+    Call it where a device synchronize is safe: after a load, never inside a CUDA graph
+    capture. A garbage-collector finalizer never does this work (see the module's doc)."""
+    with _lock:
+        due = _take_released(lambda m: m.users == 0 and not m.closed)
+        for mapping, _ in due:
+            mapping.closed = True
+            if _open.get(mapping.key) is mapping:
+                del _open[mapping.key]
+    for mapping, end in due:
+        if mapping.close():
+            end()
+    return len(due)
 
 
 def _drop(mapping: _Mapping) -> bool:
@@ -173,9 +225,14 @@ def _drop(mapping: _Mapping) -> bool:
 
 
 def _last_view(mapping: _Mapping, on_last_view: Callable[[], None]) -> None:
-    # The handle closes before the lease ends, and a lease whose mapping may still be open
-    # never ends (an exception here would skip it too: a finalizer's is only printed).
-    if _drop(mapping):
+    # A finalizer: no CUDA call here (see the module's doc). The last user's lease ends
+    # once ``close_released`` has closed the mapping; another user's lease ends now.
+    with _lock:
+        mapping.users -= 1
+        last = mapping.users == 0 and not mapping.closed
+        if last:
+            _released.append((mapping, on_last_view))
+    if not last:
         on_last_view()
 
 
@@ -218,6 +275,9 @@ def import_arena(
         mapping = _acquire(api, bytes(grant.handle), ordinal)
     except CudaError as exc:
         raise FailedPrecondition(f"opening the arena on {want} failed: {exc}") from exc
+    # A load is a point where synchronizing is safe; after the acquire, so that a mapping
+    # of this very arena queued for its close is taken up again instead of reopened.
+    close_released()
     owner = _ArenaOwner()
     finalizer = weakref.finalize(owner, _last_view, mapping, on_last_view)
     try:

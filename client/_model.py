@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -14,11 +15,28 @@ if TYPE_CHECKING:
     from tensorferry.client._cuda import CudaTarget
 
 
+def close_released_gpu_mappings() -> int:
+    """Close this process's GPU mappings whose last tensor view is gone, and so end their
+    leases (the daemon may then free the arenas); how many were closed.
+
+    Each close synchronizes its device, which a garbage-collector finalizer must never do
+    (it may run inside a CUDA graph capture): the finalizer only queues the mapping, and
+    the lease ends here, at ``LoadedModel.close()``, at the next load, or at
+    ``Client.close()``. Call it where a device synchronize is safe, never during a capture.
+    """
+    cuda = sys.modules.get("tensorferry.client._cuda")
+    # Never imported: this process has mapped no GPU arena (a CPU worker stays light).
+    return 0 if cuda is None else int(cuda.close_released())
+
+
 class LoadedModel:
     """A resident model's tensors, as zero-copy views of the daemon's arena.
 
     ``close()`` drops this object's references; the lease ends when the last view is
-    gone, so a tensor kept past ``close()`` stays valid.
+    gone, so a tensor kept past ``close()`` stays valid. For a GPU arena the garbage
+    collector only queues the mapping's close (no device synchronize in a finalizer): the
+    lease ends at the next explicit point, ``close()``, the next load,
+    ``Client.close()`` or ``close_released_gpu_mappings()``.
     """
 
     def __init__(
@@ -45,6 +63,7 @@ class LoadedModel:
 
     def close(self) -> None:
         self.tensors = {}
+        close_released_gpu_mappings()  # GPU mappings whose last view just went
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -83,13 +102,17 @@ def map_or_end(
     """The flat tensor over the granted arena (``fd``: its CPU segment, already open);
     ``end_lease`` runs when it and every view of it are gone, or at once if mapping fails."""
     # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
-    from tensorferry.client._cuda import MappingStillOpen
     from tensorferry.client._views import map_grant
 
     try:
         return map_grant(grant, target, end_lease, fd)
-    except MappingStillOpen:
-        raise  # the daemon must not free memory this process may still map
-    except BaseException:
+    except BaseException as exc:
+        # Only a GPU grant can leave a mapping open; a CPU attach never loads the CUDA
+        # module (5 ms in a fresh process).
+        if grant.WhichOneof("grant") == "cuda_ipc":
+            from tensorferry.client._cuda import MappingStillOpen
+
+            if isinstance(exc, MappingStillOpen):
+                raise  # the daemon must not free memory this process may still map
         end_lease()
         raise

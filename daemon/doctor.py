@@ -129,6 +129,20 @@ def check_link(settings: Settings, report: Report, sys_net: Path = SYS_NET) -> N
         report("ok", what, "")
 
 
+def check_ring(settings: Settings, report: Report, sys_net: Path = SYS_NET) -> None:
+    """The pinned ring an "auto" config gets here (per NUMA node with GPUs)."""
+    from tensorferry.daemon.config.values import size_text
+    from tensorferry.daemon.gpu.sizing import mem_total, ring_size
+
+    cuda = settings.cuda
+    if cuda.api == "off" or (cuda.api == "auto" and shutil.which("nvidia-smi") is None):
+        return
+    slot = cuda.slot_size or settings.s3.chunk_size
+    size = ring_size(cuda, slot, link_rate(settings.s3.target_rate, sys_net), 1, mem_total())
+    report("ok", f"pinned ring: {size.slots} slots x {size_text(slot)} = "
+           f"{size.slots * slot >> 20} MiB per NUMA node with GPUs ({size.why})", "")  # fmt: skip
+
+
 def check_hardlinks(
     settings: Settings, report: Report, sysctl: Path = Path("/proc/sys/fs/protected_hardlinks")
 ) -> None:
@@ -154,8 +168,13 @@ def run(settings: Settings, print_line: Callable[[str], None] = print) -> int:
     check_memlock(report)
     check_shm(settings, report)
     check_gpus(report)
+    from tensorferry.daemon.gpu.doctor_gpu import check_cuda_api, check_daemon_gpus
+
+    check_cuda_api(settings, report)
     check_link(settings, report)
+    check_ring(settings, report)
     check_socket(settings, report)
+    check_daemon_gpus(settings, report)
     check_hardlinks(settings, report)
     asyncio.run(_check_sources(settings, report))
     return 1 if failures else 0

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tensorferry.daemon.arrivals import Arrivals
@@ -20,7 +21,8 @@ from tensorferry.daemon.cpu_load import Loaded, OnLanded
 from tensorferry.daemon.fetch.link import link_rate
 from tensorferry.daemon.fetch.retries import FetchPolicy
 from tensorferry.daemon.identity import TensorNames, weights_id, weights_version
-from tensorferry.daemon.model import Model, ModelKey
+from tensorferry.daemon.listings import RecentListings
+from tensorferry.daemon.model import Model, ModelKey, State
 from tensorferry.daemon.placement import place_plan
 from tensorferry.daemon.planner import Plan, plan_load
 from tensorferry.daemon.planner_prepared import (
@@ -63,6 +65,8 @@ class Target:
     source: Source | Prepared | None
     #: When the request arrived: every timing of its load record counts from here.
     t0: float
+    #: When the key was known (the listing done or reused): an attach's record shows it.
+    keyed: float
 
 
 class Loader:
@@ -78,6 +82,7 @@ class Loader:
         self.recent = recent
         #: Tensor names of recently read sources: selections are keyed by what they pick.
         self.names = TensorNames()
+        self.listings = RecentListings(settings.listing_reuse)
         s3 = settings.s3
         #: What loads size their GETs in flight for.
         self.link = link_rate(s3.target_rate)
@@ -96,11 +101,33 @@ class Loader:
 
     async def target(
         self, ref: SourceRef, devices: list[str], select: tuple[str, ...], rank: int,
-        world_size: int, t0: float,
+        world_size: int, t0: float, find: Callable[[ModelKey], Model | None] = lambda _: None,
     ) -> Target:  # fmt: skip
+        """What the request names. A listing of ``ref`` begun at most ``[sources]
+        listing_reuse`` seconds before ``t0`` stands in for a new one when every model it
+        names is ready (``find``: the registry's), so only an attach reuses one."""
         store = self.open(ref)
+        args = (ref, store, devices, select, rank, world_size, t0)
+        listing = self.listings.get(ref, t0)
+        if listing is not None and (not select or self.names.known(self._weights(store, listing))):
+            target = await self._resolve(listing, *args)
+            models = [find(k) for k in (target.key, *target.fan_out)]
+            if all(m is not None and m.state is State.READY for m in models):
+                return target
+        began = time.monotonic()
         listing = await list_source(ref, store)
-        weights = (weights_id(store.uri, listing), weights_version(listing))
+        self.listings.put(ref, began, listing)
+        return await self._resolve(listing, *args)
+
+    @staticmethod
+    def _weights(store: Store, listing: list[ObjectInfo]) -> tuple[str, str]:
+        return weights_id(store.uri, listing), weights_version(listing)
+
+    async def _resolve(
+        self, listing: list[ObjectInfo], ref: SourceRef, store: Store, devices: list[str],
+        select: tuple[str, ...], rank: int, world_size: int, t0: float,
+    ) -> Target:  # fmt: skip
+        weights = self._weights(store, listing)
         source: Source | Prepared | None = None
         if select and not self.names.known(weights):
             # The selection is keyed by the tensors it picks: read the names now (the cold
@@ -114,7 +141,7 @@ class Loader:
             world_size=world_size,
         )  # fmt: skip
         fan_out = tuple(dataclasses.replace(key, device=d) for d in devices[1:])
-        return Target(ref, store, listing, key, fan_out, select, source, t0)
+        return Target(ref, store, listing, key, fan_out, select, source, t0, time.monotonic())
 
     async def weights_of(self, ref: SourceRef) -> str:
         """The weights id of a source, or "" when it cannot be listed (for Evict)."""
@@ -148,7 +175,7 @@ class Loader:
                 *source, target.ref.uri, chunk_size=chunk, select=target.select,
                 rank=key.rank, world_size=key.world_size,
             )  # fmt: skip
-        check_unsharded(target.ref.uri, key.world_size)
+        check_unsharded(target.ref.uri, key.world_size, key.device)
         if not isinstance(source, Source):
             source = await self._read_source(target.ref, target.store, target.listing)
         return await plan_load(source, chunk, target.select)
@@ -195,6 +222,7 @@ class Loader:
                 retries=st.retries + plan.read_retries.total(),
                 retry_causes=tuple(sorted((st.causes + plan.read_retries).items())),
                 hedges=st.hedges, workers=st.workers,
+                arena_seconds=(loaded[0].arena_ready or plan_done) - t0,
             )
         )  # fmt: skip
         log.info(

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from tensorferry.v1 import tensorferry_pb2 as pb
 
 if TYPE_CHECKING:
     from tensorferry.daemon.records import LoadRecord
@@ -30,10 +33,11 @@ def source_label(uri: str) -> str:
 
 
 class _Live(Collector):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, workers: Callable[[], list[pb.FetchWorker]]) -> None:
         self.registry = registry
+        self.workers = workers
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         models = self.registry.models
         resident = GaugeMetricFamily(
             "tensorferry_resident_bytes",
@@ -59,14 +63,30 @@ class _Live(Collector):
             "tensorferry_ring_slots", "Pinned ring slots (GPU hosts)", labels=["state"]
         )
         if self.registry.cuda is not None:
-            r = self.registry.cuda.ring
+            r = self.registry.cuda.rings  # all NUMA nodes' rings together
             ring.add_metric(["busy"], r.slots - r.free)
             ring.add_metric(["free"], r.free)
         yield ring
+        yield from _worker_metrics(self.workers())
+
+
+def _worker_metrics(workers: list[pb.FetchWorker]) -> Iterator[CounterMetricFamily]:
+    """Per fetch worker ([fetch] workers): what it carried and what it cost."""
+    for name, doc in (
+        ("bytes", "Range bytes landed by each fetch worker"),
+        ("gets", "Range GETs completed by each fetch worker"),
+        ("cpu_seconds", "CPU seconds of each fetch worker"),
+    ):
+        family = CounterMetricFamily(f"tensorferry_fetch_worker_{name}", doc, labels=["worker"])
+        for w in workers:
+            family.add_metric([str(w.index)], float(getattr(w, name)))
+        yield family
 
 
 class Metrics:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(
+        self, registry: Registry, workers: Callable[[], list[pb.FetchWorker]] = list
+    ) -> None:
         self.prometheus = CollectorRegistry()
         r = self.prometheus
         self.bytes = Counter("tensorferry_fetched_bytes", "Bytes fetched", ["source"], registry=r)
@@ -86,7 +106,7 @@ class Metrics:
             "tensorferry_range_get_seconds", "One range GET, first byte to last",
             buckets=_SECONDS, registry=r,
         )  # fmt: skip
-        r.register(_Live(registry))
+        r.register(_Live(registry, workers))
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

@@ -41,9 +41,18 @@ def is_prepared(listing: list[ObjectInfo]) -> bool:
     return any(o.key == MANIFEST_NAME for o in listing)
 
 
-def check_unsharded(uri: str, world_size: int) -> None:
+def check_unsharded(uri: str, world_size: int, device: str = "cpu") -> None:
     """Plain safetensors have no shard plan: a rank would get everything, which is not
-    what a caller that passes a world size means."""
+    what a caller that passes a world size means. On a GPU that is the whole model on
+    every rank's GPU (and N fetches), so the refusal names the shared CPU arena."""
+    if world_size > 1 and device != "cpu":
+        raise InvalidRequest(
+            f"{uri} is plain safetensors, and a GPU takes only its own rank's share of a "
+            f"model: world_size={world_size} on a GPU needs an artifact made by "
+            f"`tensorferry prepare SRC DST --shard-plan FILE --tp {world_size}`; or load it "
+            'into the CPU arena (device "cpu", the default): one copy in host memory that '
+            "every rank attaches to"
+        )
     if world_size > 1:
         raise InvalidRequest(
             f"{uri} is plain safetensors: rank/world_size need an artifact made by "

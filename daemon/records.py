@@ -28,6 +28,7 @@ class LoadRecord:
     retry_causes: tuple[tuple[str, int], ...] = ()
     hedges: int = 0
     workers: int = 0
+    arena_seconds: float = 0.0
 
 
 class RecentLoads(collections.deque[LoadRecord]):
@@ -54,5 +55,5 @@ def as_message(r: LoadRecord) -> pb.LoadRecord:
         total_seconds=r.total_seconds, bytes=r.bytes,
         gbps=r.bytes / r.total_seconds / 1e9 if r.total_seconds else 0.0,
         error=r.error, retries=r.retries, retry_causes=dict(r.retry_causes),
-        hedges=r.hedges, workers=r.workers,
+        hedges=r.hedges, workers=r.workers, arena_seconds=r.arena_seconds,
     )  # fmt: skip

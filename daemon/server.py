@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorferry.daemon import systemd
 from tensorferry.daemon.config.settings import ConfigError, Settings, TcpSettings
+from tensorferry.daemon.fetch.link import link_rate
+from tensorferry.daemon.fetch.workers import worker_count
 from tensorferry.daemon.gpu.runtime import open_cuda
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.metrics import Metrics
@@ -96,11 +98,17 @@ async def run_daemon(
         sink = await stack.enter_async_context(
             CpuShmSink(settings.shm_dir, mode=settings.socket_mode & 0o440,
                        budget=settings.shm_budget, group=settings.group_id(),
-                       recycle_budget=settings.recycle_bytes)
+                       recycle_budget=settings.recycle_bytes,
+                       warm_bytes=settings.limits.warm_bytes)
         )  # fmt: skip
         # Before the task group: loads end (and their copies complete) before CUDA goes.
         cuda = await stack.enter_async_context(
-            open_cuda(settings.cuda, chunk_size=settings.s3.chunk_size, instance=sink.instance)
+            open_cuda(
+                settings.cuda,
+                chunk_size=settings.s3.chunk_size,
+                instance=sink.instance,
+                target_rate=settings.s3.target_rate,
+            )
         )
         events = StoreEvents()
         backend = await _open_s3(stack, settings, events)
@@ -117,7 +125,8 @@ async def run_daemon(
         )  # fmt: skip
         stack.callback(registry.close)
         if settings.metrics_listen:
-            metrics = Metrics(registry)
+            workers = backend.fetch_workers if backend is not None else list
+            metrics = Metrics(registry, workers)
             recent.subscribe(metrics.observe)
             events.subscribe(
                 get_seconds=metrics.get_seconds.observe, fallback=metrics.proxy_fallbacks.inc
@@ -162,6 +171,10 @@ async def run_daemon(
         on_ready()
         systemd.notify(f"READY=1\nSTATUS=serving on {settings.socket}")
         tasks.create_task(systemd.watchdog(stop))
+        # After READY: a fresh daemon's first load finds the memory populated, or takes
+        # what is so far. Stopped before the task group waits for it at exit.
+        tasks.create_task(sink.pool.fill())
+        stack.callback(sink.pool.stop)
         for uri in settings.preload:
             tasks.create_task(_preload(service, uri))
         try:
@@ -191,7 +204,13 @@ async def _open_s3(
             "'tensorferry[daemon]' to read s3:// sources", exc,
         )  # fmt: skip
         return None
-    return await stack.enter_async_context(S3Backend(settings.s3, events))
+    workers = worker_count(
+        settings.fetch_workers, settings.fetch_worker_mode,
+        link_rate(settings.s3.target_rate).bps, len(os.sched_getaffinity(0)),
+    )  # fmt: skip
+    mode = settings.fetch_worker_mode
+    backend = S3Backend(settings.s3, events, workers=workers, worker_mode=mode)
+    return await stack.enter_async_context(backend)
 
 
 async def _drain(service: LoaderService, grace: float) -> None:

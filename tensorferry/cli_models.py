@@ -133,10 +133,31 @@ def status(args: argparse.Namespace) -> int:
         f"tensorferry {status.version} pid {status.pid} instance {status.instance_id} "
         f"up {status.uptime_seconds:.0f} s; resident {status.resident_bytes / 1e9:.3f} GB"
     )
+    for g in status.rings:
+        node = f" (NUMA node {g.numa_node})" if g.numa_node >= 0 else ""
+        pinned = g.slots * g.slot_bytes / 2**30
+        state = f"{g.free_slots} free" if g.pinned else "pinned at the first load onto its GPUs"
+        print(
+            f"  pinned ring{node}: {g.slots} slots x {g.slot_bytes / 2**20:g} MiB = "
+            f"{pinned:.2f} GiB, {state}; {g.sizing}"
+        )
+    for gpu in status.gpus:
+        print(
+            f"  cuda:{gpu.ordinal} {gpu.uuid}: CUDA context {'yes' if gpu.context else 'no'}, "
+            f"arenas {gpu.arena_bytes / 2**30:.2f} GiB, ring {gpu.ring_bytes / 2**30:.2f} GiB"
+        )
+    for w in status.fetch_workers:
+        again = f", restarted {w.restarts}x" if w.restarts else ""
+        print(
+            f"  fetch worker {w.index} ({w.mode}, pid {w.pid}): {w.gets} GETs, "
+            f"{w.bytes / 1e9:.3f} GB, {w.cpu_seconds:.2f} CPU-s, "
+            f"{w.connections_open} connections{again}"
+        )
     for m in status.models:
         print(f"  {m.model_id} {m.state} {m.bytes / 1e9:.3f} GB leases={m.leases} {m.uri}")
     for r in status.recent_loads:
-        print(f"  load {r.outcome} {r.uri}: plan {r.plan_seconds:.2f}s first byte "
+        print(f"  load {r.outcome} {r.uri}: plan {r.plan_seconds:.2f}s arena "
+              f"{r.arena_seconds:.2f}s first byte "
               f"{r.first_byte_seconds:.2f}s fetch {r.fetch_seconds:.2f}s total "
               f"{r.total_seconds:.2f}s {r.gbps:.2f} GB/s {r.error}")  # fmt: skip
     return 0

@@ -30,6 +30,13 @@ AWS_CA_BUNDLE = "AWS_CA_BUNDLE"
 #: arenas through the fake CUDA API (tensorferry.cuda.fake) as if this process saw these
 #: GPUs as cuda:0, cuda:1, ...; it pairs with a daemon configured with [cuda] api = "fake".
 FAKE_CUDA = "TENSORFERRY_FAKE_CUDA"
+#: Benchmarks only (bench/bench_fresh.py), never in production: "1" makes the daemon
+#: reserve a fresh arena whole before its first GET (the order before issue #26), to
+#: measure what reserving it alongside the fetch gains.
+RESERVE_FIRST = "TENSORFERRY_RESERVE_FIRST"
+#: Tests only, never in production: seconds the warm pool ([limits] warm_bytes) pauses
+#: after each region it populates, so a test sees it part-populated on any machine.
+WARM_PACE = "TENSORFERRY_TEST_WARM_PACE"
 
 
 def _get(name: str) -> str | None:
@@ -98,3 +105,12 @@ def proxy_variables() -> dict[str, str]:
 
 def aws_ca_bundle() -> str | None:
     return _get(AWS_CA_BUNDLE)
+
+
+def reserve_first() -> bool:
+    return _get(RESERVE_FIRST) == "1"
+
+
+def warm_pace() -> float:
+    value = _get(WARM_PACE)
+    return float(value) if value else 0.0

@@ -31,8 +31,9 @@ MEMORY = 64 << 20
 
 @contextlib.asynccontextmanager
 async def runtime(
-    *, slots: int = 4, jitter: float = 0.0, memory: tuple[int, int] = (MEMORY, MEMORY)
-) -> AsyncIterator[CudaRuntime]:
+    *, slots: int = 4, jitter: float = 0.0, memory: tuple[int, int] = (MEMORY, MEMORY),
+    opened: bool = True,
+) -> AsyncIterator[CudaRuntime]:  # fmt: skip
     settings = CudaSettings(
         api="fake", ring_slots=slots, slot_size=SLOT, copy_streams=2, reserve=0,
         fake_devices=(FakeDevice(GPU_A, memory[0]), FakeDevice(GPU_B, memory[1])),
@@ -40,6 +41,8 @@ async def runtime(
     )  # fmt: skip
     async with open_cuda(settings, chunk_size=SLOT, instance="test") as cuda:
         assert cuda is not None
+        if opened:  # as after a first load onto each: tests use the ring and engine directly
+            await cuda.open_devices(cuda.devices)
         yield cuda
     # Every fake allocation of this process is gone.
     assert not list(Path("/dev/shm").glob(f"{fake_module.PREFIX}{fake_module._CONTEXT.hex()}.*"))

@@ -25,6 +25,7 @@ from tensorferry.client import Client
 from tensorferry.devtools.daemon import serve_argv, spawn_daemon, wait_serving, write_config
 from tensorferry.devtools.proxy import CountingProxy, FaultHook, Kind
 from tensorferry.devtools.seaweed import S3Server, run_seaweed
+from tensorferry.devtools.tls_store import TlsStore, run_seaweed_tls
 from tensorferry.v1 import tensorferry_pb2 as pb
 
 BUCKET = "models"
@@ -51,6 +52,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     with run_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
         server.create_bucket(BUCKET)
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStore]:
+    """A second SeaweedFS that also serves https (its own TLS), with a throwaway CA."""
+    with run_seaweed_tls(tmp_path_factory.mktemp("seaweed-tls")) as store:
+        store.plain.create_bucket(BUCKET)
+        yield store
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ def main() -> None:
         gc.collect()
     from tensorferry.client import _cuda
 
+    _cuda.close_released()  # the views' finalizer only queued the close
     print(json.dumps({"closed": len(_cuda._open)}), flush=True)
 
 

@@ -135,7 +135,7 @@ def test_a_misspelt_top_level_key_names_the_closest(tmp_path: Path) -> None:
          "tcp: gRPC over TCP needs TLS: set [tcp] cert and key (plaintext TCP is refused)"),
         ('[tcp]\nlisten = "127.0.0.1:7443"\ncert = "/no/cert.pem"\nkey = "/no/key.pem"',
          "tcp.cert: /no/cert.pem does not exist"),
-        ('[cuda]\nring_slots = "x"', "cuda.ring_slots: expected an integer, got 'x'"),
+        ('[cuda]\nring_slots = "x"', "cuda.ring_slots: expected an integer or \"auto\", got 'x'"),
         ('[cuda]\nslot_size = "1KiB"', "cuda.slot_size: must be 64KiB..1GiB, got 1024"),
         ("[cuda]\ncopy_streams = 17", "cuda.copy_streams: must be 1..16, got 17"),
         ("[cuda]\nfake_devices = 3",

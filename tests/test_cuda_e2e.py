@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tensorferry.client import AsyncClient, Client, InvalidRequest
+from tensorferry.client._cuda import close_released
 from tensorferry.cuda.fake import FakeCudaApi
 from tensorferry.errors import FailedPrecondition
 from tests._cuda_helpers import wait_for, worker, write_odd_model
@@ -100,6 +101,7 @@ async def async_load(daemon: Daemon, uri: str, api: FakeCudaApi, model_dir: Path
         assert_same_tensors(model.tensors, load_dir(model_dir))  # type: ignore[arg-type]
         del model
         gc.collect()
+        close_released()  # the views' finalizer only queued the mapping's close
 
 
 def test_preload_onto_two_gpus_fetches_once(fake_daemon: Daemon, model_dir: Path) -> None:

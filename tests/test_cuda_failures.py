@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tensorferry.client._cuda import CudaTarget, import_arena
+from tensorferry.client._cuda import CudaTarget, close_released, import_arena
 from tensorferry.cuda import CudaError, Event, FakeDevice
 from tensorferry.cuda import fake as fake_module
 from tensorferry.cuda.cupy_api import CupyCudaApi
@@ -49,6 +49,7 @@ def test_a_failed_sync_keeps_the_lease_and_says_so(
         with caplog.at_level(logging.ERROR, "tensorferry.client._cuda"):
             del flat
             gc.collect()
+            assert close_released() == 1  # the finalizer queued it; closed here, and failed
         assert ended == []  # the daemon must not free what may still be mapped here
         assert worker.open_imports == 1
         assert "keeps its lease" in caplog.text
@@ -82,6 +83,9 @@ class _Runtime:
         self.fail: int | None = None  # the status the next calls fail with
         self.freed: list[int] = []
         self.query = 0
+
+    def setDevice(self, ordinal: int) -> None:
+        pass
 
     def malloc(self, nbytes: int) -> int:
         return 0x7F0000000000
@@ -120,6 +124,8 @@ def stub_cupy() -> tuple[CupyCudaApi, _Runtime]:
     stub._rt = rt
     stub._errors = (_RuntimeError,)
     stub._allocs = {}
+    # The driver's thread context (cuCtxGetCurrent/SetCurrent): none here.
+    stub._ctx = SimpleNamespace(current=lambda: None, set_current=lambda ctx: None)
     return api, rt
 
 

@@ -88,6 +88,7 @@ async def test_cancelled_load_frees_its_arena_only_after_queued_copies(tmp_path:
     async with runtime(slots=4) as cuda:
         fake = cuda.api
         assert isinstance(fake, FakeCudaApi)
+        await cuda.open_devices(cuda.devices[:1])  # its streams exist from the first load on
         with contextlib.ExitStack() as held:
             for lane in fake.streams(0):
                 held.enter_context(lane.held())

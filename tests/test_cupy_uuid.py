@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from types import SimpleNamespace
-
-import pytest
-import torch
 
 from tensorferry.cuda.cupy_api import _uuid_of
 
@@ -25,21 +21,4 @@ def test_a_string_from_cupy_is_the_uuid_with_or_without_its_prefix() -> None:
     assert _uuid_of({"uuid": str(WHOLE)}, 0) == f"GPU-{WHOLE}"
 
 
-@pytest.mark.parametrize(
-    "props",
-    [{"uuid": WITH_ZERO.bytes.partition(b"\0")[0]}, {}],
-    ids=["cut-at-a-zero-byte", "absent"],
-)
-def test_a_short_or_absent_uuid_is_read_from_torch(
-    props: dict[str, object], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    asked: list[int] = []
-
-    def properties(ordinal: int) -> SimpleNamespace:
-        asked.append(ordinal)
-        return SimpleNamespace(uuid=WITH_ZERO)  # str() of torch's has no "GPU-" either
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
-    assert len(WITH_ZERO.bytes.partition(b"\0")[0]) == 5
-    assert _uuid_of(props, 3) == f"GPU-{WITH_ZERO}"
-    assert asked == [3]
+# A short or absent UUID is read from the driver API, never torch: test_cuda_uuid.py.

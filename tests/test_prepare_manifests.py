@@ -36,9 +36,15 @@ class MemoryStore(Store):
         dest[:] = self.objects[obj.key][start : start + len(dest)]
 
 
+class _NoWarmPool:
+    async def settle(self) -> None:
+        pass
+
+
 class SpySink:
     def __init__(self) -> None:
         self.allocations: list[int] = []
+        self.pool = _NoWarmPool()
 
     def allocate(self, size: int, what: str) -> Any:
         self.allocations.append(size)

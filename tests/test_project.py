@@ -24,6 +24,7 @@ def test_client_public_surface() -> None:
         "AccessDenied", "AsyncClient", "Client", "DaemonNotRunning", "DaemonUnavailable",
         "InvalidArtifact", "InvalidRequest", "LoadedModel", "ResourceExhausted",
         "SourceNotAllowed", "SourceNotFound", "TensorferryError", "TlsConfig",
+        "close_released_gpu_mappings",
     ]  # fmt: skip
 
 

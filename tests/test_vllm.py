@@ -189,7 +189,8 @@ def test_errors_reach_the_engine_with_our_text(
         "the same model",
         "shape": f"{uri}: tensor model.layers.0.mlp.",
         "unknown key": "--model-loader-extra-config for --load-format tensorferry has "
-        "unknown key(s) bogus; accepted: uri, device, select, timeout, client_name",
+        "unknown key(s) bogus; accepted: uri, device, select, timeout, client_name, "
+        "keep_gpu_copy",
     }
     for label, text in expected.items():
         assert text in errors[label], (label, errors[label])

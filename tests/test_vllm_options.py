@@ -34,7 +34,7 @@ def test_options_take_the_documented_keys() -> None:
     [
         ({"uri": "s3://b/m/", "socket": "/x", "bogus": 1},
          "--model-loader-extra-config for --load-format tensorferry has unknown key(s) bogus, "
-         "socket; accepted: uri, device, select, timeout, client_name"),
+         "socket; accepted: uri, device, select, timeout, client_name, keep_gpu_copy"),
         ({"device": "cuda:1"},
          "tensorferry loader: device must be \"cpu\" or \"cuda\", not 'cuda:1'"),
         ({"timeout": -1},

@@ -20,6 +20,7 @@ from typing import Any
 
 from tensorferry import env
 from tensorferry.daemon.config.values import (
+    AUTO,
     Parse,
     Rule,
     addressing_style,
@@ -27,12 +28,14 @@ from tensorferry.daemon.config.values import (
     at_least,
     between,
     boolean,
+    count_or_auto,
     fake_devices,
     group_exists,
     header_tables,
     headers_rule,
     host_port,
     integer,
+    integer_or_auto,
     is_file,
     loopback,
     number,
@@ -103,6 +106,11 @@ KEYS: tuple[Key, ...] = (
     Key("sources", "allow_any", False, boolean, None,
         "serve anything the credentials reach (same as `--allow-any-source`)",
         field="allow_any_source"),
+    Key("sources", "listing_reuse", 0.0, number, at_least(0),
+        "seconds a load reuses its source's last listing instead of listing again, when the "
+        "model that listing names is resident (an attach: no LIST, which costs 20-60 ms on "
+        "AWS); a load still sees every change to the weight files made this long before it "
+        "arrived; 0: every load lists"),
     Key("s3", "endpoint_url", None, optional_text, None, "S3-compatible store",
         shown="AWS (`$AWS_ENDPOINT_URL`)"),
     Key("s3", "region", None, optional_text, None, "region for signing",
@@ -147,6 +155,14 @@ KEYS: tuple[Key, ...] = (
         "attempts per range for errors that may pass (reset, 5xx, stall, bad range)"),
     Key("s3", "retry_budget", 16, integer, None, "retries per load beyond one per 8 ranges"),
     Key("s3", "range_deadline", 300.0, number, None, "wall-clock limit for one attempt"),
+    Key("fetch", "workers", AUTO, count_or_auto, between(0, 256, or_auto=True),
+        "fetch workers: range GETs spread over this many event loops, each with its own "
+        "connections; 0: none (every GET in the main process); `auto`: enough for the link "
+        "rate at ~1.5 GB/s each, at most half the cores, none on a host with 2 cores or "
+        "fewer", field="fetch_workers", shown="`auto`"),
+    Key("fetch", "worker_mode", "process", text, one_of("process", "thread", "off"),
+        "`process` (own interpreter and GIL each), `thread` (own event loop, shared GIL), or "
+        "`off`: every GET on the daemon's one event loop", field="fetch_worker_mode"),
     Key("memory", "shm_budget", 0, parse_size, None, "cap for CPU arenas together",
         shown="MemAvailable"),
     Key("memory", "recycle", 4 * _GIB, parse_size, None,
@@ -155,6 +171,10 @@ KEYS: tuple[Key, ...] = (
         field="recycle_bytes"),
     Key("limits", "max_model_bytes", 0, parse_size, None, "largest single load",
         shown="unlimited"),
+    Key("limits", "warm_bytes", 0, parse_size, None,
+        "shared memory populated in the background after start, kept as a recycled arena "
+        "for the first load that fits (a fresh daemon's first load then pays no page "
+        "zeroing); within [memory] shm_budget and [memory] recycle", shown="none"),
     Key("limits", "max_concurrent_loads", 8, integer, None,
         "cold loads fetching at once; more are refused, not queued"),
     Key("limits", "max_loads_per_client", 4, integer, None,
@@ -189,9 +209,13 @@ KEYS: tuple[Key, ...] = (
     Key("cuda", "api", "auto", text, one_of(*CUDA_APIS),
         "`auto` (cupy if it imports and sees a GPU, else CPU only), `cupy`, `off`; `fake` is "
         "CI's stand-in"),
-    Key("cuda", "ring_slots", 48, integer, between(2, 4096),
-        "pinned host slots, allocated once at start; busy until their copies are done, so "
-        "more slots than range GETs keep the link busy"),
+    Key("cuda", "ring_slots", 0, integer_or_auto, between(2, 4096, or_zero=True),
+        "pinned host slots per NUMA node with GPUs, allocated once at start; `auto`: the "
+        "range GETs the link needs (link rate / 90 MB/s per connection) plus 2 per copy "
+        "stream, 16..1024, within `ring_bytes`", shown="`auto`"),
+    Key("cuda", "ring_bytes", 0, parse_size, None,
+        "cap on the pinned memory of all rings when `ring_slots` is `auto` (pinned memory "
+        "cannot swap)", shown="MemTotal / 16"),
     Key("cuda", "slot_size", 0, parse_size, between(64 * _KIB, _GIB, sizes=True, or_zero=True),
         "bytes per slot (one range GET fills one slot)", shown="`[s3] chunk_size`"),
     Key("cuda", "copy_streams", 2, integer, between(1, 16),
@@ -199,8 +223,8 @@ KEYS: tuple[Key, ...] = (
     Key("cuda", "reserve", _GIB, parse_size, None,
         "GPU memory each device keeps free when an arena is placed"),
     Key("cuda", "fake_devices", (), fake_devices, None,
-        _FAKE + "`[[cuda.fake_devices]]` tables of `uuid` and `memory`, in the daemon's "
-        "numbering", shown="none"),
+        _FAKE + "`[[cuda.fake_devices]]` tables of `uuid`, `memory` and `numa_node`, in "
+        "the daemon's numbering", shown="none"),
     Key("cuda", "fake_jitter", 0.0, number, None,
         _FAKE + "each copy first waits up to this many seconds, so streams complete out of "
         "order"),

@@ -96,6 +96,7 @@ class Limits:
     """
 
     max_model_bytes: int = default("limits.max_model_bytes")
+    warm_bytes: int = default("limits.warm_bytes")
     max_concurrent_loads: int = default("limits.max_concurrent_loads")
     max_loads_per_client: int = default("limits.max_loads_per_client")
     max_leases: int = default("limits.max_leases")
@@ -109,7 +110,7 @@ class Limits:
 
 
 #: The schema's sections whose keys are fields of ``Settings`` itself.
-_FLAT = ("", "sources", "memory", "cache", "metrics")
+_FLAT = ("", "sources", "memory", "cache", "metrics", "fetch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,6 +126,7 @@ class Settings:
     tcp: TcpSettings | None = None
     allow: tuple[str, ...] = default("sources.allow")
     allow_any_source: bool = default("sources.allow_any")
+    listing_reuse: float = default("sources.listing_reuse")
     #: Where CPU arenas live (POSIX shared memory; workers map from the same place). Not a
     #: config key: workers must agree on it.
     shm_dir: Path = Path("/dev/shm")
@@ -137,6 +139,9 @@ class Settings:
     cache_budget: int = default("cache.budget")
     metrics_listen: str | None = default("metrics.listen")
     preload: tuple[str, ...] = default("preload")
+    #: ``[fetch] workers`` (``values.AUTO``: derived at start; 0: none) and ``worker_mode``.
+    fetch_workers: int = default("fetch.workers")
+    fetch_worker_mode: str = default("fetch.worker_mode")
     shutdown_grace: float = default("shutdown_grace")
     limits: Limits = dataclasses.field(default_factory=lambda: Limits())
     #: GPU side (daemon/gpu/settings.py): which CUDA, pinned ring, copy streams.

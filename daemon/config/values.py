@@ -56,6 +56,30 @@ def integer(value: object, key: str) -> int:
     raise ConfigError(f"{key}: expected an integer, got {value!r}")
 
 
+def integer_or_auto(value: object, key: str) -> int:
+    """An integer, or "auto" (0): derived at start."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    try:
+        return integer(value, key)
+    except ConfigError:
+        raise ConfigError(f'{key}: expected an integer or "auto", got {value!r}') from None
+
+
+#: ``count_or_auto``'s "auto": derived at start (0 is a count like any other: none).
+AUTO = -1
+
+
+def count_or_auto(value: object, key: str) -> int:
+    """A count, 0 included, or "auto" (``AUTO``)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO
+    try:
+        return integer(value, key)
+    except ConfigError:
+        raise ConfigError(f'{key}: expected an integer or "auto", got {value!r}') from None
+
+
 def number(value: object, key: str) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -157,15 +181,19 @@ def _fake_device(entry: object, key: str) -> FakeDevice:
             f"{key}: {entry['uuid']!r} is not a GPU UUID (GPU-xxxxxxxx-xxxx-...)"
         ) from None
     memory = parse_size(entry.get("memory", 1 << 30), f"{key}.memory")
-    return FakeDevice(gpu_uuid, memory, str(entry.get("pci_bus_id", "")))
+    node = integer(entry.get("numa_node", -1), f"{key}.numa_node")
+    return FakeDevice(gpu_uuid, memory, str(entry.get("pci_bus_id", "")), node)
 
 
-def between(low: int, high: int, *, sizes: bool = False, or_zero: bool = False) -> Rule:
-    """``low..high`` inclusive (``or_zero``: 0 too, meaning "derive it")."""
+def between(
+    low: int, high: int, *, sizes: bool = False, or_zero: bool = False, or_auto: bool = False
+) -> Rule:
+    """``low..high`` inclusive (``or_zero``: 0 too, meaning "derive it"; ``or_auto``:
+    ``AUTO`` too)."""
     shown = f"{size_text(low)}..{size_text(high)}" if sizes else f"{low}..{high}"
 
     def rule(value: int) -> str | None:
-        if (or_zero and value == 0) or low <= value <= high:
+        if (or_zero and value == 0) or (or_auto and value == AUTO) or low <= value <= high:
             return None
         return f"must be {shown}, got {value}"
 

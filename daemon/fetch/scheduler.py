@@ -131,9 +131,12 @@ class Destination(abc.ABC, Generic[J, S]):
     A destination with ``acquire`` lends a buffer for each range, waiting for a free one:
     ``failed`` takes it back when the read fails, ``landed`` hands it on once it succeeds.
     One without (an arena: every range has its own place) costs the worker no await.
+    One with ``ready`` is waited on before each job's read: its memory may not be
+    writable yet (an arena reserved alongside the fetch, ``sinks/populate.py``).
     """
 
     acquire: Callable[[], Awaitable[S]] | None = None
+    ready: Callable[[J], Awaitable[None]] | None = None
 
     @abc.abstractmethod
     def place(self, job: J, lent: S) -> tuple[Range, memoryview]:
@@ -174,6 +177,8 @@ async def _worker(
             return
         lent = nothing if acquire is None else await acquire()
         try:
+            if dest.ready is not None:
+                await dest.ready(job)
             r, view = dest.place(job, lent)
             await _fetch_one(store, r, view, shared.policy, shared.budget, stats, shared.hedger)
         except BaseException:

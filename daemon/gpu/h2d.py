@@ -38,10 +38,12 @@ class _Lane:
 
 class CopyEngine:
     def __init__(
-        self, api: CudaApi, devices: Sequence[DeviceInfo], ring: PinnedRing, streams: int
-    ) -> None:
+        self, api: CudaApi, devices: Sequence[DeviceInfo], rings: Sequence[PinnedRing],
+        streams: int,
+    ) -> None:  # fmt: skip
         self.api = api
-        self.ring = ring
+        #: Slot indices are unique across the rings: events are kept per (GPU, index).
+        self._slots = sum(r.slots for r in rings)
         self._devices = list(devices)
         self._streams = streams
         self._lanes: dict[int, list[_Lane]] = {}
@@ -51,23 +53,55 @@ class CopyEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> CopyEngine:
+        """Bind to the running loop and open the devices given at construction (the
+        daemon gives none: it opens each at its first load, ``open_device``)."""
         self._loop = asyncio.get_running_loop()
         for d in self._devices:
-            lanes = [
-                _Lane(self.api.stream_create(d.ordinal), queue.SimpleQueue())
-                for _ in range(self._streams)
-            ]
-            self._lanes[d.ordinal] = lanes
-            self._turn[d.ordinal] = itertools.cycle(lanes)
-            self._events[d.ordinal] = [
-                self.api.event_create(d.ordinal) for _ in range(self.ring.slots)
-            ]
-            for i, lane in enumerate(lanes):
-                lane.thread = threading.Thread(
-                    target=self._wait, args=(lane,), name=f"h2d-{d.ordinal}-{i}", daemon=True
-                )
-                lane.thread.start()
+            self.open_device(d)
         return self
+
+    def opened(self, ordinal: int) -> bool:
+        return ordinal in self._lanes
+
+    def lanes(self, ordinal: int) -> list[_Lane]:
+        return self._lanes.get(ordinal, [])
+
+    def open_device(self, d: DeviceInfo) -> None:
+        """The device's streams, events and waiting threads (its CUDA context comes with
+        the first stream). Blocking; callable off the loop's thread, once per device. On a
+        failure what was made is destroyed, so that the next load's try starts clean."""
+        assert self._loop is not None
+        assert d.ordinal not in self._lanes
+        lanes: list[_Lane] = []
+        events: list[Event] = []
+        try:
+            for _ in range(self._streams):
+                lanes.append(_Lane(self.api.stream_create(d.ordinal), queue.SimpleQueue()))
+            for _ in range(self._slots):
+                events.append(self.api.event_create(d.ordinal))
+        except BaseException:
+            self._destroy(lanes, events)
+            raise
+        self._events[d.ordinal] = events
+        for i, lane in enumerate(lanes):
+            lane.thread = threading.Thread(
+                target=self._wait, args=(lane,), name=f"h2d-{d.ordinal}-{i}", daemon=True
+            )
+            lane.thread.start()
+        self._turn[d.ordinal] = itertools.cycle(lanes)
+        self._lanes[d.ordinal] = lanes  # last: ``opened`` says the device is ready
+
+    def _destroy(self, lanes: Sequence[_Lane], events: Sequence[Event]) -> None:
+        for event in events:
+            try:
+                self.api.event_destroy(event)
+            except CudaError as exc:
+                log.warning("destroying a CUDA event failed: %s", exc)
+        for lane in lanes:
+            try:
+                self.api.stream_destroy(lane.stream)
+            except CudaError as exc:
+                log.warning("destroying a CUDA stream failed: %s", exc)
 
     def submit(self, slot: Slot, pieces: Sequence[Piece], arenas: Sequence[CudaArena]) -> None:
         """Queue the slot's copies to each arena; the engine owns the slot from here on
@@ -88,7 +122,7 @@ class CopyEngine:
                         self._fence(lane, slot, arena)
         finally:
             if slot.pending == 0:
-                self.ring.release(slot)
+                slot.ring.release(slot)
 
     def _fence(self, lane: _Lane, slot: Slot, arena: CudaArena) -> None:
         event = self._events[arena.ordinal][slot.index]
@@ -104,6 +138,12 @@ class CopyEngine:
 
     def _wait(self, lane: _Lane) -> None:
         assert self._loop is not None
+        try:
+            # This thread's every call is for the lane's device: without a device of its
+            # own, its first CUDA call would create a context on device 0.
+            self.api.bind_thread(lane.stream.ordinal)
+        except CudaError as exc:
+            log.error("binding cuda:%d to its copy thread failed: %s", lane.stream.ordinal, exc)
         while (item := lane.waiting.get()) is not None:
             event, slot, arena = item
             error: BaseException | None = None
@@ -123,7 +163,7 @@ class CopyEngine:
             log.error("H2D copy into %s failed: %s", arena.name, error)
         slot.pending -= 1
         if slot.pending == 0:
-            self.ring.release(slot)
+            slot.ring.release(slot)
         arena.copy_finished(error)
 
     async def settle(self, arenas: Iterable[CudaArena]) -> None:
@@ -155,4 +195,6 @@ class CopyEngine:
             for lane in lanes:
                 if lane.thread is not None:
                     lane.thread.join()
+        for ordinal, lanes in self._lanes.items():
+            self._destroy(lanes, self._events.pop(ordinal, []))
         self._lanes.clear()

@@ -19,7 +19,7 @@ from tensorferry.cuda import CudaError, DeviceInfo
 from tensorferry.daemon.fetch.retries import FetchPolicy
 from tensorferry.daemon.fetch.scheduler import Destination, FetchStats, fetch_ranges
 from tensorferry.daemon.gpu.layout import Job, gpu_layout
-from tensorferry.daemon.gpu.ring import Slot
+from tensorferry.daemon.gpu.ring import PinnedRing, Slot
 from tensorferry.daemon.gpu.runtime import CudaRuntime
 from tensorferry.daemon.planner import Plan, Range
 from tensorferry.daemon.sinks.cuda import CudaArena
@@ -37,9 +37,9 @@ class GpuLoaded:
 class _IntoRing(Destination[Job, Slot]):
     """Each range into a pinned ring slot, which then goes to the copy engine."""
 
-    def __init__(self, cuda: CudaRuntime, arenas: Sequence[CudaArena]) -> None:
-        self.acquire = cuda.ring.acquire
-        self._ring = cuda.ring
+    def __init__(self, ring: PinnedRing, cuda: CudaRuntime, arenas: Sequence[CudaArena]) -> None:
+        self.acquire = ring.acquire
+        self._ring = ring
         self._engine = cuda.engine
         self._arenas = arenas
 
@@ -66,18 +66,22 @@ async def load_plan_cuda(
     progress: Callable[[int], None],
 ) -> GpuLoaded:
     """Place the plan's tensors in one arena on each target GPU, fetching them once."""
-    gpu_plan, jobs = gpu_layout(plan, cuda.ring.slot_size)
+    # The first load onto a GPU opens it (context, streams, its node's ring).
+    await cuda.open_devices(targets)
+    # The ring on the first target's NUMA node: its copies read local memory.
+    ring = cuda.rings.for_targets(targets)
+    gpu_plan, jobs = gpu_layout(plan, ring.slot_size)
     on_plan(gpu_plan)
     arenas: list[CudaArena] = []
     try:
         for device in targets:
             arenas.append(await cuda.sink.place(device, gpu_plan.arena_size, uri))
         # More workers than slots would only queue on the ring.
-        slots = cuda.ring.slots
+        slots = ring.slots
         policy = policy or FetchPolicy()
         policy = dataclasses.replace(policy, max_concurrency=min(policy.max_concurrency, slots))
         stats = await fetch_ranges(
-            store, jobs, _IntoRing(cuda, arenas), concurrency=min(concurrency, slots),
+            store, jobs, _IntoRing(ring, cuda, arenas), concurrency=min(concurrency, slots),
             policy=policy, progress=progress,
         )  # fmt: skip
         await cuda.engine.settle(arenas)

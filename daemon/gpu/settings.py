@@ -6,7 +6,8 @@ the key.
 
     [cuda]
     api = "auto"            # "auto": cupy if it imports and sees a GPU; "cupy"; "fake"; "off"
-    ring_slots = 48         # pinned host slots, allocated and registered once at start
+    ring_slots = "auto"     # pinned host slots per ring (one ring per NUMA node with GPUs)
+    ring_bytes = 0          # cap on all rings' pinned bytes under "auto" (0: MemTotal / 16)
     slot_size = "8MiB"      # default: [s3] chunk_size (one range GET fills one slot)
     copy_streams = 2        # per GPU
     reserve = "1GiB"        # GPU memory arenas leave free for the workers
@@ -14,6 +15,7 @@ the key.
     [[cuda.fake_devices]]   # api = "fake" only (CI): devices the fake pretends to have
     uuid = "GPU-8f3c...."
     memory = "1GiB"
+    numa_node = 0           # the node the fake reports (default -1: unknown)
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class CudaSettings:
     """
 
     api: str = default("cuda.api")
-    ring_slots: int = default("cuda.ring_slots")
+    ring_slots: int = default("cuda.ring_slots")  # 0: "auto", sized to the link
+    ring_bytes: int = default("cuda.ring_bytes")
     slot_size: int = default("cuda.slot_size")
     copy_streams: int = default("cuda.copy_streams")
     reserve: int = default("cuda.reserve")

@@ -103,7 +103,9 @@ class LoaderService(pb_grpc.LoaderServicer):
         rank, world_size = check_rank(request.rank, request.world_size)
         check_allowed(ref, self.settings)
         yield pb.LoadEvent(progress=pb.Progress(stage="plan"))
-        target = await self.loader.target(ref, devices, select, rank, world_size, t0)
+        target = await self.loader.target(
+            ref, devices, select, rank, world_size, t0, self.registry.find
+        )
         if self.stopping.is_set():  # stopped while the source was listed: no new load
             raise DaemonUnavailable(NO_NEW_LOADS)
         model, existed = self.registry.get_or_start(
@@ -135,9 +137,8 @@ class LoaderService(pb_grpc.LoaderServicer):
             raise model.evicted_error()
         attached = existed and model.state is State.READY and waiting.bytes_sent < 0
         if attached:
-            self.loader.recent.append(
-                LoadRecord(ref.uri, "attached", total_seconds=time.monotonic() - t0)
-            )
+            keyed, took = target.keyed - t0, time.monotonic() - t0
+            self.loader.recent.append(LoadRecord(ref.uri, "attached", keyed, total_seconds=took))
         lease_id = self.registry.add_lease(model, client) if lease else ""
         released = asyncio.Event()
         if lease:
@@ -292,4 +293,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             resident_bytes=shm.resident, recycled_bytes=shm.recycled,
             shm_budget_bytes=shm.budget, arenas=shm.arenas,
             store_connections_open=connections[0], store_connections_busy=connections[1],
+            rings=self.loader.cuda.ring_status() if self.loader.cuda is not None else [],
+            gpus=self.loader.cuda.gpu_status() if self.loader.cuda is not None else [],
+            fetch_workers=backend.fetch_workers() if backend is not None else [],
         )  # fmt: skip

@@ -16,12 +16,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tensorferry.daemon.sinks.populate import Reservation, address_of
 from tensorferry.daemon.sinks.shm_names import FREE, ShmNames
+from tensorferry.daemon.sinks.warm import WarmPool
 from tensorferry.errors import FailedPrecondition, ResourceExhausted
 from tensorferry.v1 import tensorferry_pb2 as pb
 
 log = logging.getLogger(__name__)
-_MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module does not name it
 
 
 def mem_available() -> int:
@@ -46,6 +47,9 @@ class ShmArena:
     size: int
     path: Path
     _map: mmap.mmap | None
+    #: The memory still to allocate and map, alongside the fetch (``cpu_load``); None
+    #: when it was all there already (a recycled arena).
+    reservation: Reservation | None = None
 
     @property
     def view(self) -> memoryview:
@@ -75,6 +79,8 @@ class _Freed:
     path: Path
     capacity: int
     mapping: mmap.mmap
+    #: ``[0, reserved)`` is allocated and mapped; the rest is reserved when it is reused.
+    reserved: int
 
     def drop(self) -> None:
         _close(self.mapping, self.path.name)
@@ -86,7 +92,7 @@ class CpuShmSink:
 
     def __init__(
         self, shm_dir: Path, *, mode: int = 0o640, budget: int = 0, group: int = -1,
-        recycle_budget: int = 0,
+        recycle_budget: int = 0, warm_bytes: int = 0,
     ) -> None:  # fmt: skip
         self.shm_dir = shm_dir
         self.mode = mode
@@ -94,12 +100,20 @@ class CpuShmSink:
         self.recycle_budget = recycle_budget
         #: Set by the registry: evict unleased models (LRU) to free about this many bytes.
         self.reclaim: Callable[[int], None] = lambda needed: None
-        self.recycled_bytes = 0
         self._free: list[_Freed] = []
+        #: The warm pool being populated (``warm.py``): counted as recycled already.
+        self.warming: _Freed | None = None
+        #: ``[limits] warm_bytes`` populated after READY (the server runs ``pool.fill``).
+        self.pool = WarmPool(self, warm_bytes)
         self.budget = budget
         self.names = ShmNames(shm_dir, mode)
         self.used = 0
         self._arenas: dict[str, ShmArena] = {}
+
+    @property
+    def recycled_bytes(self) -> int:
+        warming = self.warming.capacity if self.warming is not None else 0
+        return sum(f.capacity for f in self._free) + warming
 
     @property
     def instance(self) -> str:
@@ -128,7 +142,7 @@ class CpuShmSink:
             avail = min(avail, self.budget - self.used)
         return max(avail, 0)
 
-    def _take_recycled(self, size: int) -> tuple[Path, mmap.mmap] | None:
+    def _take_recycled(self, size: int) -> tuple[Path, mmap.mmap, int] | None:
         """The still-mapped pages of a freed segment, under a new name, if one fits.
 
         The kernel zeroes every fresh tmpfs page on first write, which costs more CPU than
@@ -146,58 +160,71 @@ class CpuShmSink:
         else:
             return None
         self._free.remove(freed)
-        self.recycled_bytes -= freed.capacity
         try:
             freed.path = self.names.rename(freed.path)
-            if freed.capacity > size:
-                freed.mapping.resize(size)  # truncates the segment too: the tail goes back
-            elif freed.capacity < size:
-                self._grow(freed, size)
+            # Shrinking truncates the segment too: the tail goes back. Growing maps the
+            # old pages with their page tables; the rest is reserved alongside the fetch.
+            if freed.capacity != size:
+                freed.mapping.resize(size)
         except (OSError, BufferError, FailedPrecondition) as exc:
             # Renamed away under us, or a failed fetch's traceback still holds a slice.
             log.debug("not reusing freed arena %s: %s", freed.path.name, exc)
             freed.drop()
             return None
-        return freed.path, freed.mapping
+        return freed.path, freed.mapping, min(freed.reserved, size)
 
-    @staticmethod
-    def _grow(freed: _Freed, size: int) -> None:
-        fd = os.open(freed.path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            # tmpfs never says ENOSPC on write: it OOM-kills. Reserve now to fail early.
-            os.posix_fallocate(fd, freed.capacity, size - freed.capacity)
-        finally:
-            os.close(fd)
-        freed.mapping.resize(size)  # mremap: the old pages keep their page tables
-        with contextlib.suppress(OSError):  # MADV_POPULATE_WRITE needs Linux 5.14
-            freed.mapping.madvise(_MADV_POPULATE_WRITE, freed.capacity, size - freed.capacity)
+    def new_freed(self, size: int) -> _Freed:
+        """A segment for the recycle list, mapped, none of it reserved (the warm pool)."""
+        path, mapping = self.new_segment(size, FREE)
+        return _Freed(path, size, mapping, 0)
+
+    def keep(self, freed: _Freed) -> None:
+        self._free.append(freed)
 
     def _drop_recycled(self) -> None:
         for freed in self._free:
             freed.drop()
         self._free.clear()
-        self.recycled_bytes = 0
 
     def allocate(self, size: int, what: str) -> ShmArena:
         if self.budget and size > self.budget - self.used:
             self.reclaim(size - (self.budget - self.used))
             if size > self.budget - self.used:
                 self._refuse(size, what, self.budget - self.used)
-        path, mapping = self._take_recycled(size) or self._reserve(size, what)
+        path, mapping, reserved = self._take_recycled(size) or self._reserve(size, what)
         arena = ShmArena(path.name, size, path, mapping)
+        if reserved < size:
+            arena.reservation = self.reservation(path, mapping, reserved, size, what)
         self._arenas[path.name] = arena
         self.used += size
         return arena
 
-    def _refuse(self, size: int, what: str, available: int) -> None:
-        raise ResourceExhausted(
+    def reservation(
+        self, path: Path, mapping: mmap.mmap, start: int, size: int, what: str
+    ) -> Reservation:
+        """What reserves ``[start, size)`` of a mapped segment (see ``populate.py``)."""
+        used = self.used
+
+        def refuse(reserved: int) -> ResourceExhausted:
+            # The host's tmpfs said no after ``reserved`` bytes: that was what it had.
+            return self._refusal(size, what, reserved, used)
+
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return Reservation(fd, address_of(mapping), start, size, refuse=refuse)
+
+    def _refusal(self, size: int, what: str, available: int, used: int) -> ResourceExhausted:
+        return ResourceExhausted(
             f"loading {what} needs {size} bytes of shared memory but only {available} "
-            f"are available (budget {self.budget or 'unset'}, in use {self.used}); "
+            f"are available (budget {self.budget or 'unset'}, in use {used}); "
             "evict a model with `tensorferry evict` or raise [memory] shm_budget"
         )
 
-    def _reserve(self, size: int, what: str) -> tuple[Path, mmap.mmap]:
-        """Map ``size`` bytes in a new file: freed memory first, else a new segment."""
+    def _refuse(self, size: int, what: str, available: int) -> None:
+        raise self._refusal(size, what, available, self.used)
+
+    def _reserve(self, size: int, what: str) -> tuple[Path, mmap.mmap, int]:
+        """Map ``size`` bytes in a new file: freed memory first, else a new segment
+        (its memory reserved later, alongside the fetch)."""
         available = self.available()
         if size > available and self._free:
             self._drop_recycled()  # memory held for reuse yields to a real need
@@ -211,21 +238,26 @@ class CpuShmSink:
             available = self.available()
         if size > available:
             self._refuse(size, what, available)
+        return *self.new_segment(size), 0
+
+    def new_segment(self, size: int, kind: str = "") -> tuple[Path, mmap.mmap]:
+        """A segment of ``size`` bytes, mapped, none of them allocated yet: tmpfs never
+        says ENOSPC on write, it SIGBUSes, so nothing may write a page before a
+        ``Reservation`` has allocated it."""
         fd, path = self.names.create()
         try:
             os.fchmod(fd, self.mode)  # the umask must not narrow what workers may open
             os.fchown(fd, -1, self.group)
-            # tmpfs never says ENOSPC on write: it OOM-kills. Reserve now to fail early.
-            os.posix_fallocate(fd, 0, size)
-            # The pages exist now: mapping them all in one call costs far less than a page
-            # fault per 4 KiB as the bytes arrive.
-            flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
-            return path, mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            if kind:
+                path = self.names.rename(path, kind)
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             path.unlink()
             raise
         finally:
             os.close(fd)
+        return path, mapping
 
     def release(self, arena: ShmArena, *, recycle: bool = True) -> None:
         """Keep the segment, still mapped, for reuse (renamed), or unmap and unlink it.
@@ -239,18 +271,19 @@ class CpuShmSink:
             return
         self.used -= arena.size
         mapping = arena.detach()
+        reserved = arena.size
+        if arena.reservation is not None:
+            arena.reservation.close()  # its thread has ended: cpu_load waits for it
+            reserved = arena.reservation.reserved
         if recycle and mapping is not None and arena.size <= self.recycle_budget:
             while self._free and self.recycled_bytes + arena.size > self.recycle_budget:
-                oldest = self._free.pop(0)
-                oldest.drop()
-                self.recycled_bytes -= oldest.capacity
+                self._free.pop(0).drop()
             try:
                 free = self.names.rename(arena.path, FREE)
             except (OSError, FailedPrecondition) as exc:
                 log.debug("not keeping arena %s for reuse: %s", arena.name, exc)
             else:
-                self._free.append(_Freed(free, arena.size, mapping))
-                self.recycled_bytes += arena.size
+                self._free.append(_Freed(free, arena.size, mapping, reserved))
                 return
         if mapping is not None:
             _close(mapping, arena.name)

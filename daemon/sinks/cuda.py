@@ -97,6 +97,9 @@ class CudaSink:
     def used(self) -> int:
         return sum(a.size for a in self._arenas.values())
 
+    def used_on(self, ordinal: int) -> int:
+        return sum(a.size for a in self._arenas.values() if a.ordinal == ordinal)
+
     @property
     def arena_names(self) -> list[str]:
         return sorted(self._arenas)

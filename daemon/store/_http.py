@@ -12,15 +12,15 @@ says how a request failed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import ssl
 import time
 import urllib.parse
 from collections import defaultdict
 from pathlib import Path
 
 from tensorferry.daemon.store._http_conn import Connection
+from tensorferry.daemon.store._http_connect import Connector
+from tensorferry.daemon.store._http_connect import Route as _Route
 from tensorferry.daemon.store._http_head import OtherVersion, RangeMismatch, Unusable
 from tensorferry.daemon.store.base import StoreEvents
 from tensorferry.daemon.store.proxy import Proxy, ProxyChooser, ProxyFailed, proxy_error
@@ -54,17 +54,6 @@ class OtherVersionAnswer(HttpError):
         self.args = (f"HTTP 206 with {detail}",)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Route:
-    """Where a request's connection goes: the store itself, or the store's host through
-    ``proxy`` (absolute URIs for http, a CONNECT tunnel for https)."""
-
-    scheme: str
-    host: str
-    port: int
-    proxy: Proxy | None = None
-
-
 class HttpPool:
     """Keep-alive connections per route, at most ``limit`` open per route."""
 
@@ -78,71 +67,27 @@ class HttpPool:
         fallback: bool = True,
         ca_bundle: Path | None = None,
         events: StoreEvents | None = None,
+        _uvloop_tls: bool = False,
     ) -> None:
         self._limit = limit
-        self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._proxies = proxies
         self._fallback = fallback
-        self._ca_bundle = ca_bundle
         self._idle: dict[_Route, list[Connection]] = defaultdict(list)
         self._slots: dict[_Route, asyncio.Semaphore] = {}
-        self._ssl: ssl.SSLContext | None = None
         self.open_connections = 0
         #: Ranges asked of the store directly after the proxy failed them.
         self.fallbacks = 0
         self._events = events or StoreEvents()
         self._fallback_logged = -_FALLBACK_LOG_EVERY
-
-    def _tls(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            cafile = str(self._ca_bundle) if self._ca_bundle is not None else None
-            self._ssl = ssl.create_default_context(cafile=cafile)
-        return self._ssl
+        # uvloop's SSL transport instead of ours: only for bench/bench_tls.py's comparison.
+        self._connector = Connector(
+            timeout=connect_timeout, ca_bundle=ca_bundle, uvloop_tls=_uvloop_tls
+        )
 
     async def _connect(self, route: _Route) -> Connection:
-        loop = asyncio.get_running_loop()
-        proxy = route.proxy
-        if proxy is None:
-            tls = self._tls() if route.scheme == "https" else None
-            async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(Connection, route.host, route.port, ssl=tls)
-        else:
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    _, conn = await loop.create_connection(Connection, proxy.host, proxy.port)
-            except (OSError, TimeoutError) as exc:
-                raise ProxyFailed(f"cannot connect to the proxy {proxy.shown}: {exc}") from exc
-            if route.scheme == "https":
-                conn = await self._tunnel(conn, route, proxy)
+        conn = await self._connector.connect(route)
         self.open_connections += 1
-        return conn
-
-    async def _tunnel(self, conn: Connection, route: _Route, proxy: Proxy) -> Connection:
-        """CONNECT through ``proxy``, then TLS with the store inside the tunnel."""
-        host = f"[{route.host}]" if ":" in route.host else route.host  # an IPv6 literal
-        authority = f"{host}:{route.port}"
-        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
-        if proxy.authorization:
-            lines.append(f"Proxy-Authorization: {proxy.authorization}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        loop = asyncio.get_running_loop()
-        try:
-            answer = await conn.tunnel(head, self._connect_timeout)
-            if not 200 <= answer.status < 300:
-                raise ProxyFailed(
-                    f"the proxy {proxy.shown} refused a tunnel to {authority}: HTTP {answer.status}"
-                )
-            assert conn.transport is not None
-            async with asyncio.timeout(self._connect_timeout):
-                conn.transport = await loop.start_tls(
-                    conn.transport, conn, self._tls(), server_hostname=route.host
-                )
-            conn.encrypted()
-        except BaseException:
-            if conn.transport is not None:
-                conn.transport.abort()
-            raise
         return conn
 
     @property

@@ -66,9 +66,8 @@ class Connection(asyncio.BufferedProtocol):
         #: Whether the current request got any byte back (a kept-alive connection that the
         #: peer closed meanwhile fails before that, and the request may be sent again).
         self.answered = False
-        #: The plain TCP socket, where the kernel may gather body bytes (``LOWAT``); None
-        #: under TLS: bytes the TLS layer holds back would make the kernel wait for more
-        #: than will ever come.
+        #: The TCP socket, where the kernel may gather body bytes (``LOWAT``); None under
+        #: uvloop's TLS, which holds bytes back (``_http_tls`` sets its own marks).
         self._sock: socket.socket | None = None
         self._lowat = 1
 
@@ -79,8 +78,7 @@ class Connection(asyncio.BufferedProtocol):
         if transport.get_extra_info("sslcontext") is None:
             self._sock = transport.get_extra_info("socket")
 
-    def encrypted(self) -> None:
-        """TLS now runs over this connection (a tunnel through a proxy)."""
+    def encrypted(self) -> None:  # uvloop's TLS now runs over it (a tunnel through a proxy)
         self._sock = None
 
     def _gather(self, nbytes: int) -> None:
@@ -112,6 +110,9 @@ class Connection(asyncio.BufferedProtocol):
             self._waiter.set_exception(ConnectionError(f"connection closed {got}".strip()))
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        return self._plain_buffer()
+
+    def _plain_buffer(self) -> memoryview:  # where the next bytes go (TLS decrypts there)
         if self._in_body and self._dest is not None and self._pos < self._want:
             return self._dest[self._pos : self._want]
         if self._head_len >= HEAD_MAX:
@@ -119,6 +120,9 @@ class Connection(asyncio.BufferedProtocol):
         return self._head_view[self._head_len :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._received(nbytes)
+
+    def _received(self, nbytes: int) -> None:  # nbytes landed in the last _plain_buffer()
         self._last_io = time.monotonic()
         self.answered = True
         if self._timing is not None and self._timing.first_byte is None:
@@ -148,9 +152,6 @@ class Connection(asyncio.BufferedProtocol):
                 self._fail(ConnectionError("response head larger than 64 KiB"))
             return
         self._on_head(end + 4)
-
-    def eof_received(self) -> bool | None:
-        return False
 
     # -- request/response ---------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
@@ -242,6 +243,9 @@ class Connection(asyncio.BufferedProtocol):
             loop = asyncio.get_running_loop()
             self._idle_timer = loop.call_later(self._idle_timeout - idle, self._check_idle)
 
+    def _send(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]  # request() checked it
+
     async def tunnel(self, head: bytes, idle_timeout: float) -> Response:
         """Send a CONNECT ``head`` and return the proxy's answer; the connection is then
         the proxy's tunnel (the caller starts TLS on it)."""
@@ -282,7 +286,7 @@ class Connection(asyncio.BufferedProtocol):
         self.answered = False
         try:
             try:
-                self.transport.write(head)
+                self._send(head)
             except RuntimeError as exc:  # uvloop: the transport closed under us
                 raise ConnectionResetError(str(exc)) from None
             if self._timing is not None:

@@ -16,7 +16,9 @@ from typing import Any
 
 from tensorferry import env
 from tensorferry.daemon.config.settings import S3Settings
+from tensorferry.daemon.fetch.workers import WorkerPool, worker_config
 from tensorferry.daemon.store._http import HttpError, HttpPool, transport_error
+from tensorferry.daemon.store._http_tls import certificate_refused
 from tensorferry.daemon.store.base import METER, ObjectInfo, Store, StoreEvents
 from tensorferry.daemon.store.proxy import ProxyChooser, ProxyFailed
 from tensorferry.daemon.store.throttle import Throttles
@@ -27,6 +29,7 @@ from tensorferry.errors import (
     StoreUnavailable,
     TensorferryError,
 )
+from tensorferry.v1 import tensorferry_pb2 as pb
 
 log = logging.getLogger(__name__)
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
@@ -63,12 +66,15 @@ def map_store_error(what: str, code: str, status: int, bucket: str) -> Tensorfer
 class S3Backend:
     """The daemon's S3 client and connection pools, opened once at start."""
 
-    def __init__(self, settings: S3Settings, events: StoreEvents | None = None) -> None:
+    def __init__(
+        self, settings: S3Settings, events: StoreEvents | None = None, *, workers: int = 0,
+        worker_mode: str = "process",
+    ) -> None:  # fmt: skip
         self.settings = settings
         #: Told of each successful range GET's duration and each proxy fallback (metrics).
         self.events = events or StoreEvents()
         self.proxies = ProxyChooser(settings.proxy, env.proxy_variables())
-        self.pool = HttpPool(
+        self.local_pool = HttpPool(
             # Every load's GETs to one host share these: as many as a load may grow to.
             limit=max(settings.concurrency, settings.max_concurrency),
             connect_timeout=settings.connect_timeout,
@@ -78,6 +84,10 @@ class S3Backend:
             ca_bundle=settings.ca_bundle,
             events=self.events,
         )
+        #: Where range GETs go: ``local_pool`` in this process, or fetch workers (``[fetch]
+        #: workers``), which hand back to it what they cannot reach.
+        self.pool: HttpPool | WorkerPool = self.local_pool
+        self._workers = (workers, worker_mode)
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
         #: Per-bucket SlowDown pauses, shared by every load.
@@ -86,6 +96,10 @@ class S3Backend:
     def connections(self) -> tuple[int, int]:
         """Keep-alive connections to object stores: (open, busy carrying a request)."""
         return self.pool.open_connections, self.pool.busy_connections
+
+    def fetch_workers(self) -> list[pb.FetchWorker]:
+        """Each fetch worker's figures for Status (none without workers)."""
+        return self.pool.status() if isinstance(self.pool, WorkerPool) else []
 
     async def __aenter__(self) -> S3Backend:
         from aiobotocore.config import AioConfig
@@ -114,7 +128,11 @@ class S3Backend:
                 verify=verify,
             )
         )
-        self._stack.push_async_callback(self.pool.aclose)
+        self._stack.push_async_callback(self.local_pool.aclose)
+        count, mode = self._workers
+        if count > 0:
+            pool = WorkerPool(self.local_pool, count, mode, worker_config(s), self.events)
+            self.pool = await self._stack.enter_async_context(pool)
         if self.proxies.any:
             fallback = "on" if s.proxy_fallback else "off"
             log.info("%s; direct fallback %s", self.proxies.describe(), fallback)
@@ -160,6 +178,7 @@ class S3Backend:
             ClientError,
             EndpointConnectionError,
             NoCredentialsError,
+            SSLError,
         )
 
         if isinstance(exc, TensorferryError):
@@ -173,6 +192,8 @@ class S3Backend:
                 f"{what}: the daemon found no AWS credentials; give it an instance role, "
                 "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
             )
+        if isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return certificate_refused(what, str(exc), self.settings.ca_bundle)
         if isinstance(exc, EndpointConnectionError):
             return StoreUnavailable(f"{what}: cannot reach the store at {self.endpoint}")
         if isinstance(exc, BotoCoreError):

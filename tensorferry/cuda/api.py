@@ -16,6 +16,7 @@ import abc
 import dataclasses
 import re
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 #: Size of a legacy ``cudaIpcMemHandle_t``.
 IPC_HANDLE_BYTES = 64
+#: Where a PCI device's NUMA node is (``<bus id>/numa_node``).
+SYS_PCI = Path("/sys/bus/pci/devices")
 
 
 class CudaError(RuntimeError):
@@ -132,19 +135,27 @@ class CudaApi(abc.ABC):
         """The ordinal of the device that holds ``ptr`` (-1: none this process sees)."""
 
     @abc.abstractmethod
-    def host_register(self, ptr: int, nbytes: int) -> None:
-        """Pin existing host memory for every device (portable): slow, so once at start."""
+    def host_register(self, ptr: int, nbytes: int, ordinal: int | None = None) -> None:
+        """Pin existing host memory for every device (portable): slow, so once per ring.
+        ``ordinal``: the device whose context registers it (None: the current one)."""
 
     @abc.abstractmethod
-    def host_unregister(self, ptr: int) -> None: ...
+    def host_unregister(self, ptr: int, ordinal: int | None = None) -> None:
+        """Unpin; ``ordinal``: the device whose context registered it."""
 
     @abc.abstractmethod
     def stream_create(self, ordinal: int) -> Stream:
         """A non-blocking stream (no implicit sync with the legacy default stream)."""
 
     @abc.abstractmethod
+    def stream_destroy(self, stream: Stream) -> None: ...
+
+    @abc.abstractmethod
     def event_create(self, ordinal: int) -> Event:
         """An event without timing whose synchronize sleeps instead of spinning."""
+
+    @abc.abstractmethod
+    def event_destroy(self, event: Event) -> None: ...
 
     @abc.abstractmethod
     def memcpy_h2d_async(self, dst: int, src: int, nbytes: int, stream: Stream) -> None:
@@ -173,12 +184,30 @@ class CudaApi(abc.ABC):
         """A flat uint8 tensor over [ptr, ptr + nbytes), zero copy, keeping ``owner``
         alive for as long as the tensor or any view of it lives."""
 
+    def context_active(self, ordinal: int) -> bool | None:
+        """Whether this process holds a CUDA context on the device (None: unknown)."""
+        return None
+
+    def bind_thread(self, ordinal: int) -> None:  # noqa: B027 (the fake has no threads' state)
+        """Make ``ordinal`` the calling thread's device for good: for a thread of our own
+        that makes CUDA calls for that device only (a copy stream's waiting thread)."""
+
     def current_device(self) -> int:
         """The ordinal "cuda" without an index means in this process."""
         return 0
 
     def close(self) -> None:  # noqa: B027 (optional: most implementations hold nothing)
         """Release what the implementation holds (threads, mappings)."""
+
+    def numa_node(self, ordinal: int) -> int:
+        """The NUMA node the device's PCI slot hangs off (-1: unknown, or one node only).
+
+        Read from sysfs by the PCI bus id CUDA reports: CUDA itself does not say."""
+        pci = self.devices()[ordinal].pci_bus_id
+        try:
+            return int((SYS_PCI / pci / "numa_node").read_text().strip())
+        except (OSError, ValueError):
+            return -1
 
     def device_by_uuid(self, gpu_uuid: str) -> DeviceInfo | None:
         want = gpu_uuid.lower()
@@ -194,6 +223,8 @@ class FakeDevice:
     memory: int = 1 << 30
     #: Derived from the UUID when empty, so daemon and workers agree without configuring it.
     pci_bus_id: str = ""
+    #: The NUMA node the fake reports for the device (-1: unknown, as sysfs says without NUMA).
+    numa_node: int = -1
 
     def info(self, ordinal: int) -> DeviceInfo:
         raw = uuid.UUID(self.uuid.removeprefix("GPU-")).bytes

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from tensorferry.cuda import driver
 from tensorferry.cuda.api import (
     CudaApi,
     CudaError,
@@ -35,18 +36,21 @@ _HOST_REGISTER_PORTABLE = 1
 #: status raises CUDARuntimeError).
 _SUCCESS = 0
 _NOT_READY = 600
+#: cudaStreamNonBlocking: no implicit sync with the legacy default stream.
+_STREAM_NON_BLOCKING = 1
+#: cudaEventBlockingSync | cudaEventDisableTiming.
+_EVENT_FLAGS = 1 | 2
 
 
-def _uuid_of(props: dict[str, Any], ordinal: int) -> str:
+def _uuid_of(props: dict[str, Any], ordinal: int, pci_bus_id: str = "") -> str:
     raw = props.get("uuid")
     if isinstance(raw, (bytes, bytearray)) and len(raw) == 16:
-        return f"GPU-{uuid.UUID(bytes=bytes(raw))}"
+        return driver.format_uuid(bytes(raw))
     if isinstance(raw, str) and raw:
         return f"GPU-{uuid.UUID(raw.removeprefix('GPU-'))}"
-    # Older cupy builds do not expose the UUID; torch does (str(uuid) has no "GPU-").
-    import torch
-
-    return f"GPU-{torch.cuda.get_device_properties(ordinal).uuid}"
+    # Absent (older cupy), or cut short at a zero byte (cupy reads the char[16] as a C
+    # string): ask the driver API, then NVML. Never torch: the daemon does not import it.
+    return driver.gpu_uuid(ordinal, pci_bus_id)
 
 
 class CupyCudaApi(CudaApi):
@@ -69,14 +73,14 @@ class CupyCudaApi(CudaApi):
         self._allocs: dict[int, int] = {}
         with self._translated():
             count = int(self._rt.getDeviceCount())
+            # Neither call creates a context: a daemon that never loads onto a GPU holds
+            # no memory there.
+            pcis = [normalize_pci(str(self._rt.deviceGetPCIBusId(i))) for i in range(count)]
             self._infos = [
-                DeviceInfo(
-                    i,
-                    _uuid_of(self._rt.getDeviceProperties(i), i),
-                    normalize_pci(str(self._rt.deviceGetPCIBusId(i))),
-                )
+                DeviceInfo(i, _uuid_of(self._rt.getDeviceProperties(i), i, pcis[i]), pcis[i])
                 for i in range(count)
             ]
+        self._ctx = driver.ThreadContext()
 
     @classmethod
     def create_or_none(cls) -> CupyCudaApi | None:
@@ -101,8 +105,25 @@ class CupyCudaApi(CudaApi):
                 message = f"cudaErrorMemoryAllocation: {message}"
             raise CudaError(message) from exc
 
-    def _device(self, ordinal: int) -> Any:
-        return self._cp.cuda.Device(ordinal)
+    @contextlib.contextmanager
+    def _on(self, ordinal: int) -> Iterator[None]:
+        """Run a call in ``ordinal``'s context, then give the thread back the context it
+        had (none, on the loop's and the executor's threads). Never cupy's ``Device``: its
+        exit calls cudaSetDevice(previous), which creates a context on a device never
+        loaded onto (device 0) and can fail there after the wrapped call ran."""
+        saved = self._ctx.current()
+        try:
+            self._rt.setDevice(ordinal)
+            yield
+        finally:
+            try:
+                self._ctx.set_current(saved)
+            except CudaError as exc:
+                # Not raised: the wrapped call's effect (an allocation, a queued copy) has
+                # happened and its caller must learn of it. The thread stays in a context
+                # of a device this process opened, which costs nothing more.
+                log.error("restoring the thread's CUDA context after a call on cuda:%d "
+                          "failed: %s", ordinal, exc)  # fmt: skip
 
     def devices(self) -> list[DeviceInfo]:
         return list(self._infos)
@@ -112,71 +133,92 @@ class CupyCudaApi(CudaApi):
         with self._translated():
             return int(self._rt.getDevice())
 
+    def bind_thread(self, ordinal: int) -> None:
+        with self._translated():
+            self._rt.setDevice(ordinal)
+
     def malloc(self, ordinal: int, nbytes: int) -> DeviceMemory:
-        with self._translated(), self._device(ordinal):
+        with self._translated(), self._on(ordinal):
             ptr = int(self._rt.malloc(nbytes))
-        self._allocs[ptr] = ordinal
+            # Recorded at once: whatever happens next, the allocation is known to free.
+            self._allocs[ptr] = ordinal
         return DeviceMemory(ordinal, ptr, nbytes)
 
     def free(self, mem: DeviceMemory) -> None:
         if self._allocs.get(mem.ptr) != mem.ordinal:
             raise CudaError("cudaErrorInvalidValue: not an allocation of this process")
-        with self._translated(), self._device(mem.ordinal):
+        with self._translated(), self._on(mem.ordinal):
             self._rt.free(mem.ptr)  # raises CUDARuntimeError when cudaFree fails
-        # Forgotten only once freed: after a failure the memory is still allocated.
-        del self._allocs[mem.ptr]
+            # Forgotten only once freed: after a failure the memory is still allocated.
+            del self._allocs[mem.ptr]
 
     def mem_get_info(self, ordinal: int) -> tuple[int, int]:
-        with self._translated(), self._device(ordinal):
+        with self._translated(), self._on(ordinal):
             free, total = self._rt.memGetInfo()
         return int(free), int(total)
 
     def ipc_get_handle(self, mem: DeviceMemory) -> bytes:
-        with self._translated(), self._device(mem.ordinal):
+        with self._translated(), self._on(mem.ordinal):
             return bytes(self._rt.ipcGetMemHandle(mem.ptr))
 
     def ipc_open(self, handle: bytes, ordinal: int) -> int:
-        with self._translated(), self._device(ordinal):
+        with self._translated(), self._on(ordinal):
             return int(self._rt.ipcOpenMemHandle(handle))
 
     def ipc_close(self, ptr: int, ordinal: int) -> None:
-        with self._translated(), self._device(ordinal):
+        with self._translated(), self._on(ordinal):
             self._rt.ipcCloseMemHandle(ptr)
 
     def pointer_device(self, ptr: int) -> int:
         with self._translated():
             return int(self._rt.pointerGetAttributes(ptr).device)
 
-    def host_register(self, ptr: int, nbytes: int) -> None:
-        with self._translated():
+    def host_register(self, ptr: int, nbytes: int, ordinal: int | None = None) -> None:
+        # In the given device's context: the runtime would otherwise create one on device 0.
+        with self._translated(), self._on(0 if ordinal is None else ordinal):
             self._rt.hostRegister(ptr, nbytes, _HOST_REGISTER_PORTABLE)
 
-    def host_unregister(self, ptr: int) -> None:
-        with self._translated():
+    def context_active(self, ordinal: int) -> bool | None:
+        return driver.primary_context_active(ordinal)
+
+    def host_unregister(self, ptr: int, ordinal: int | None = None) -> None:
+        with self._translated(), self._on(0 if ordinal is None else ordinal):
             self._rt.hostUnregister(ptr)
 
+    # Streams and events are the runtime's raw handles, destroyed explicitly in their
+    # device's context: cupy's objects destroy theirs in a destructor, on whatever thread
+    # drops the last reference, where the runtime would create a context on device 0.
+
     def stream_create(self, ordinal: int) -> Stream:
-        with self._translated(), self._device(ordinal):
-            return Stream(ordinal, self._cp.cuda.Stream(non_blocking=True))
+        with self._translated(), self._on(ordinal):
+            return Stream(ordinal, int(self._rt.streamCreateWithFlags(_STREAM_NON_BLOCKING)))
+
+    def stream_destroy(self, stream: Stream) -> None:
+        with self._translated(), self._on(stream.ordinal):
+            self._rt.streamDestroy(stream.native)
 
     def event_create(self, ordinal: int) -> Event:
-        # block=True: cudaEventBlockingSync, so a waiting thread sleeps instead of spinning.
-        with self._translated(), self._device(ordinal):
-            return Event(ordinal, self._cp.cuda.Event(block=True, disable_timing=True))
+        # Blocking sync: a waiting thread sleeps instead of spinning.
+        with self._translated(), self._on(ordinal):
+            return Event(ordinal, int(self._rt.eventCreateWithFlags(_EVENT_FLAGS)))
+
+    def event_destroy(self, event: Event) -> None:
+        with self._translated(), self._on(event.ordinal):
+            self._rt.eventDestroy(event.native)
 
     def memcpy_h2d_async(self, dst: int, src: int, nbytes: int, stream: Stream) -> None:
-        with self._translated(), self._device(stream.ordinal):
-            self._rt.memcpyAsync(dst, src, nbytes, self._rt.memcpyHostToDevice, stream.native.ptr)
+        with self._translated(), self._on(stream.ordinal):
+            self._rt.memcpyAsync(dst, src, nbytes, self._rt.memcpyHostToDevice, stream.native)
 
     def event_record(self, event: Event, stream: Stream) -> None:
-        with self._translated(), self._device(stream.ordinal):
-            event.native.record(stream.native)
+        with self._translated(), self._on(stream.ordinal):
+            self._rt.eventRecord(event.native, stream.native)
 
     def event_query(self, event: Event) -> bool:
-        # runtime.eventQuery, not Event.done: "not ready" is the one status that is no
-        # error; any other raises (a sticky error must not read as "still running").
-        with self._translated():
-            status = int(self._rt.eventQuery(event.native.ptr))
+        # runtime.eventQuery, not cupy's Event.done: "not ready" is the one status that is
+        # no error; any other raises (a sticky error must not read as "still running").
+        with self._translated(), self._on(event.ordinal):
+            status = int(self._rt.eventQuery(event.native))
         if status == _SUCCESS:
             return True
         if status == _NOT_READY:
@@ -184,16 +226,16 @@ class CupyCudaApi(CudaApi):
         raise CudaError(f"cudaEventQuery failed with status {status}")
 
     def event_synchronize(self, event: Event) -> None:
-        with self._translated():
-            event.native.synchronize()
+        with self._translated(), self._on(event.ordinal):
+            self._rt.eventSynchronize(event.native)
 
     def stream_synchronize(self, stream: Stream) -> None:
-        with self._translated():
-            stream.native.synchronize()
+        with self._translated(), self._on(stream.ordinal):
+            self._rt.streamSynchronize(stream.native)
 
     def device_synchronize(self, ordinal: int) -> None:
-        with self._translated():
-            self._device(ordinal).synchronize()
+        with self._translated(), self._on(ordinal):
+            self._rt.deviceSynchronize()
 
     def as_tensor(self, owner: object, ptr: int, nbytes: int, ordinal: int) -> torch.Tensor:
         import torch

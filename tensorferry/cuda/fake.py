@@ -77,6 +77,13 @@ class FakeCudaApi(CudaApi):
         #: Tests: a sticky error ("cudaErrorIllegalAddress: ..."): once set, every call
         #: that reports errors raises it, as each CUDA call does in a broken context.
         self.sticky: str | None = None
+        #: Devices this process holds a context on: CUDA creates one at a device's first
+        #: use (memory, streams, events, registration), never for device queries.
+        self.contexts: set[int] = set()
+        #: Every device_synchronize, by ordinal (tests: a finalizer must call none).
+        self.synchronized: list[int] = []
+        #: Events created and not destroyed.
+        self.events = 0
 
     @property
     def file_prefix(self) -> str:
@@ -93,6 +100,11 @@ class FakeCudaApi(CudaApi):
     def devices(self) -> list[DeviceInfo]:
         return list(self._infos)
 
+    def numa_node(self, ordinal: int) -> int:
+        # What the config says, never the host's sysfs: a fake bus id may be a real device's.
+        self._check_ordinal(ordinal)
+        return self._devices[ordinal].numa_node
+
     def _check_sticky(self) -> None:
         if self.sticky is not None:
             raise CudaError(self.sticky)
@@ -105,17 +117,25 @@ class FakeCudaApi(CudaApi):
         if not 0 <= ordinal < len(self._infos):
             raise CudaError(f"cudaErrorInvalidDevice: invalid device ordinal {ordinal}")
 
+    def _context(self, ordinal: int) -> None:
+        self._check_ordinal(ordinal)
+        self.contexts.add(ordinal)
+
+    def context_active(self, ordinal: int) -> bool:
+        self._check_ordinal(ordinal)
+        return ordinal in self.contexts
+
     def _used(self, ordinal: int) -> int:
         return sum(m.size for m in self._allocs.values() if m.ordinal == ordinal)
 
     def mem_get_info(self, ordinal: int) -> tuple[int, int]:
-        self._check_ordinal(ordinal)
+        self._context(ordinal)
         total = self._devices[ordinal].memory
         with self._lock:
             return total - self._used(ordinal), total
 
     def malloc(self, ordinal: int, nbytes: int) -> DeviceMemory:
-        self._check_ordinal(ordinal)
+        self._context(ordinal)
         self._check_sticky()
         self._wait_busy()
         with self._lock:
@@ -164,7 +184,7 @@ class FakeCudaApi(CudaApi):
         return fake_memory.encode_handle(_CONTEXT, m.device_uuid, m.seq)
 
     def ipc_open(self, handle: bytes, ordinal: int) -> int:
-        self._check_ordinal(ordinal)
+        self._context(ordinal)
         context, device_uuid, seq = fake_memory.decode_handle(handle)
         if context == _CONTEXT:
             raise CudaError("cudaErrorDeviceUninitialized: invalid device context")
@@ -200,11 +220,12 @@ class FakeCudaApi(CudaApi):
 
     # -- pinned host memory --------------------------------------------------------------
 
-    def host_register(self, ptr: int, nbytes: int) -> None:
+    def host_register(self, ptr: int, nbytes: int, ordinal: int | None = None) -> None:
+        self._context(0 if ordinal is None else ordinal)
         with self._lock:
             fake_memory.register_host(self._host, ptr, nbytes)
 
-    def host_unregister(self, ptr: int) -> None:
+    def host_unregister(self, ptr: int, ordinal: int | None = None) -> None:
         with self._lock:
             fake_memory.unregister_host(self._host, ptr)
 
@@ -217,17 +238,28 @@ class FakeCudaApi(CudaApi):
     # -- streams, copies, events ---------------------------------------------------------
 
     def stream_create(self, ordinal: int) -> Stream:
-        self._check_ordinal(ordinal)
+        self._context(ordinal)
         stream = FakeStream(ordinal, self._jitter, self._rng)
         self._streams.append(stream)
         return Stream(ordinal, stream)
+
+    def stream_destroy(self, stream: Stream) -> None:
+        stream.native.close()
+        if stream.native in self._streams:  # not when close() came first
+            self._streams.remove(stream.native)
 
     def streams(self, ordinal: int) -> list[FakeStream]:
         return [s for s in self._streams if s.ordinal == ordinal]
 
     def event_create(self, ordinal: int) -> Event:
-        self._check_ordinal(ordinal)
+        self._context(ordinal)
+        with self._lock:
+            self.events += 1
         return Event(ordinal, FakeEvent())
+
+    def event_destroy(self, event: Event) -> None:
+        with self._lock:
+            self.events -= 1
 
     def memcpy_h2d_async(self, dst: int, src: int, nbytes: int, stream: Stream) -> None:
         with self._lock:
@@ -272,6 +304,7 @@ class FakeCudaApi(CudaApi):
         stream.native.synchronize()
 
     def device_synchronize(self, ordinal: int) -> None:
+        self.synchronized.append(ordinal)
         self._check_sticky()
         for stream in self.streams(ordinal):
             stream.synchronize()

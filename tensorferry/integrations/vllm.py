@@ -8,15 +8,19 @@ the daemon). Installing tensorferry registers the loader with vLLM (entry point 
 ``vllm.general_plugins``, see ``vllm_plugin``); this module imports vLLM and is imported
 only by vLLM's plugin loader, never by tensorferry itself.
 
-Every rank of every engine on the host asks the daemon for the same model: one fetch,
-one resident copy; each rank's own weight loaders take its slice. The tensors come as
-they land (``Client.stream``): vLLM copies each into its parameters while the daemon is
-still fetching the rest, so loading takes about as long as the fetch. After the copy the
-rank drops its views, which ends its lease; the model stays resident for the next engine.
+In the CPU arena (the default) every rank of every engine on the host asks the daemon
+for the same model: one fetch, one resident copy; each rank's own weight loaders take its
+slice. On a GPU (``"device": "cuda"``) each rank asks for its own share of an artifact
+prepared per rank (``vllm_load.placement``); plain safetensors are refused there. The
+tensors come as they land (``Client.stream``): vLLM copies each into its parameters while
+the daemon is still fetching the rest, so loading takes about as long as the fetch. After
+the copy the rank drops its views, which ends its lease; a CPU arena stays resident for
+the next engine, a GPU copy is evicted (``keep_gpu_copy`` keeps it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -29,14 +33,15 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from tensorferry.client import Client
+from tensorferry.integrations.vllm_load import feed, placement
 from tensorferry.integrations.vllm_options import (
     INDEX_FILE,
     LoaderOptions,
-    Weights,
     loaded_line,
     missing_error,
     stage_selection,
 )
+from tensorferry.integrations.vllm_shares import rank_shares
 
 # A child of vLLM's logger: these lines appear in vLLM's output, in its format.
 log = logging.getLogger("vllm.tensorferry")
@@ -59,44 +64,47 @@ class TensorferryModelLoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         uri = self.options.source(model_config.model)
-        rank, stage_layers = _parallel_position(model)
+        rank, tp_size, stage_layers = _parallel_position(model)
+        where = placement(self.options.device, _gpu(self.options.device), rank, tp_size)
         name = self.options.client_name or f"vllm pid {os.getpid()} rank {rank}"
         t0 = time.monotonic()
-        with Client() as client:
+        shares = rank_shares(model) if where.world_size else contextlib.nullcontext()
+        with Client() as client, shares:
             select = self.options.select or _stage_select(client, uri, stage_layers)
-            stream = client.stream(
-                uri, _device(self.options.device), timeout=self.options.timeout,
-                client_name=name, select=select,
+            # vLLM models define load_weights; nn.Module does not declare it.
+            fed = feed(
+                client, uri, where, self.options, name=name, select=select,
+                load=cast(Any, model).load_weights,
             )  # fmt: skip
-            weights = Weights(stream)
-            try:
-                # vLLM models define load_weights; nn.Module does not declare it.
-                loaded = cast(Any, model).load_weights(iter(weights))
-            except Exception as exc:
-                raise weights.mismatch(uri, exc) from exc
-            attached = stream.model.attached
-            stream.model.close()
-        del stream
-        if loaded is not None and model_config.quantization is None:
-            missing = _expected(model) - set(loaded)
+        if fed.loaded is not None and model_config.quantization is None:
+            missing = _expected(model) - fed.loaded
             if missing:
                 raise missing_error(uri, missing)
-        log.info("%s", loaded_line(weights, uri, since=t0, attached=attached))
+        log.info("%s", loaded_line(fed.weights, uri, since=t0, attached=fed.attached))
+        if fed.released:
+            log.info("tensorferry: evicted the daemon's copy on %s after the copy", where.device)
 
 
-def _device(option: str) -> str:
-    if option == "cuda":
+def _gpu(option: str) -> str:
+    """This rank's GPU: torch's current device (vLLM sets it per worker); without CUDA in
+    torch, "cuda", which the client's CUDA API resolves (the fake one in tests)."""
+    if option == "cuda" and torch.cuda.is_available():
         return f"cuda:{torch.cuda.current_device()}"
-    return "cpu"
+    return "cuda"
 
 
-def _parallel_position(model: nn.Module) -> tuple[int, list[int] | None]:
-    """This worker's tensor-parallel rank, and its pipeline stage's layers (None: one stage)."""
-    from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+def _parallel_position(model: nn.Module) -> tuple[int, int, list[int] | None]:
+    """This worker's tensor-parallel rank and size, and its pipeline stage's layers (None:
+    one stage)."""
+    from vllm.distributed.parallel_state import (
+        get_pp_group,
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
 
-    rank = get_tensor_model_parallel_rank()
+    rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
     if get_pp_group().world_size <= 1:
-        return rank, None
+        return rank, size, None
     layers = sorted(
         {
             int(part.split(".")[0])
@@ -105,7 +113,7 @@ def _parallel_position(model: nn.Module) -> tuple[int, list[int] | None]:
             for part in [name.split(".layers.", 1)[1]]
         }
     )
-    return rank, layers
+    return rank, size, layers
 
 
 def _stage_select(client: Client, uri: str, layers: list[int] | None) -> tuple[str, ...]:

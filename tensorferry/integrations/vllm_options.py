@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from tensorferry.client import Client
 
-ACCEPTED_KEYS = ("uri", "device", "select", "timeout", "client_name")
+ACCEPTED_KEYS = ("uri", "device", "select", "timeout", "client_name", "keep_gpu_copy")
 #: What vLLM reads from a model directory besides the weights (those a source lacks are
 #: skipped): the model's config, generation defaults and the tokenizer.
 SERVE_FILES = (
@@ -48,6 +48,9 @@ class LoaderOptions:
     #: Seconds to wait for the model to become resident (None: as long as it takes).
     timeout: float | None = None
     client_name: str = ""
+    #: With device "cuda": keep the daemon's GPU copy resident after the engine copied it
+    #: (the default evicts it, so that vLLM's next start finds the GPU memory free).
+    keep_gpu_copy: bool = False
 
     @classmethod
     def parse(cls, extra: Mapping[str, Any] | None) -> LoaderOptions:
@@ -63,6 +66,7 @@ class LoaderOptions:
         select = extra.get("select", ())
         timeout = extra.get("timeout")
         name = extra.get("client_name", "")
+        keep = extra.get("keep_gpu_copy", False)
         if not isinstance(uri, str) or not isinstance(name, str):
             raise InvalidRequest("tensorferry loader: uri and client_name must be strings")
         if device not in ("cpu", "cuda"):
@@ -82,7 +86,12 @@ class LoaderOptions:
             raise InvalidRequest(
                 f"tensorferry loader: timeout must be a positive number of seconds, not {timeout!r}"
             )
-        return cls(uri, device, tuple(select), None if timeout is None else float(timeout), name)
+        if not isinstance(keep, bool):
+            raise InvalidRequest(
+                f"tensorferry loader: keep_gpu_copy must be true or false, not {keep!r}"
+            )
+        seconds = None if timeout is None else float(timeout)
+        return cls(uri, device, tuple(select), seconds, name, keep)
 
     def source(self, model_path: str) -> str:
         """The URI to load: ``uri``, else the model path vLLM was given."""
@@ -128,6 +137,7 @@ class Weights:
             yield name, tensor
         self.current = None
         self.last = self.clock()
+        self._pairs = ()  # the stream holds the arena's mapping: not past the load
 
     def mismatch(self, uri: str, exc: BaseException) -> TensorferryError:
         """vLLM refused the tensor being handed over (shape, dtype): say which."""

@@ -219,7 +219,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadRecord(_message.Message):
-    __slots__ = ("uri", "outcome", "plan_seconds", "first_byte_seconds", "fetch_seconds", "total_seconds", "bytes", "gbps", "error", "retries", "retry_causes", "hedges", "workers")
+    __slots__ = ("uri", "outcome", "plan_seconds", "first_byte_seconds", "fetch_seconds", "total_seconds", "bytes", "gbps", "error", "retries", "retry_causes", "hedges", "workers", "arena_seconds")
     class RetryCausesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class LoadRecord(_message.Message):
     RETRY_CAUSES_FIELD_NUMBER: _ClassVar[int]
     HEDGES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     uri: str
     outcome: str
     plan_seconds: float
@@ -253,10 +254,11 @@ class LoadRecord(_message.Message):
     retry_causes: _containers.ScalarMap[str, int]
     hedges: int
     workers: int
-    def __init__(self, uri: _Optional[str] = ..., outcome: _Optional[str] = ..., plan_seconds: _Optional[float] = ..., first_byte_seconds: _Optional[float] = ..., fetch_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., gbps: _Optional[float] = ..., error: _Optional[str] = ..., retries: _Optional[int] = ..., retry_causes: _Optional[_Mapping[str, int]] = ..., hedges: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    arena_seconds: float
+    def __init__(self, uri: _Optional[str] = ..., outcome: _Optional[str] = ..., plan_seconds: _Optional[float] = ..., first_byte_seconds: _Optional[float] = ..., fetch_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., gbps: _Optional[float] = ..., error: _Optional[str] = ..., retries: _Optional[int] = ..., retry_causes: _Optional[_Mapping[str, int]] = ..., hedges: _Optional[int] = ..., workers: _Optional[int] = ..., arena_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "instance_id", "pid", "uptime_seconds", "models", "recent_loads", "resident_bytes", "shm_budget_bytes", "store_connections_open", "arenas", "store_connections_busy", "recycled_bytes")
+    __slots__ = ("version", "instance_id", "pid", "uptime_seconds", "models", "recent_loads", "resident_bytes", "shm_budget_bytes", "store_connections_open", "arenas", "store_connections_busy", "recycled_bytes", "rings", "fetch_workers", "gpus")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +271,9 @@ class StatusResponse(_message.Message):
     ARENAS_FIELD_NUMBER: _ClassVar[int]
     STORE_CONNECTIONS_BUSY_FIELD_NUMBER: _ClassVar[int]
     RECYCLED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RINGS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     version: str
     instance_id: str
     pid: int
@@ -281,7 +286,68 @@ class StatusResponse(_message.Message):
     arenas: _containers.RepeatedScalarFieldContainer[str]
     store_connections_busy: int
     recycled_bytes: int
-    def __init__(self, version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recent_loads: _Optional[_Iterable[_Union[LoadRecord, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., shm_budget_bytes: _Optional[int] = ..., store_connections_open: _Optional[int] = ..., arenas: _Optional[_Iterable[str]] = ..., store_connections_busy: _Optional[int] = ..., recycled_bytes: _Optional[int] = ...) -> None: ...
+    rings: _containers.RepeatedCompositeFieldContainer[RingInfo]
+    fetch_workers: _containers.RepeatedCompositeFieldContainer[FetchWorker]
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuInfo]
+    def __init__(self, version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recent_loads: _Optional[_Iterable[_Union[LoadRecord, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., shm_budget_bytes: _Optional[int] = ..., store_connections_open: _Optional[int] = ..., arenas: _Optional[_Iterable[str]] = ..., store_connections_busy: _Optional[int] = ..., recycled_bytes: _Optional[int] = ..., rings: _Optional[_Iterable[_Union[RingInfo, _Mapping]]] = ..., fetch_workers: _Optional[_Iterable[_Union[FetchWorker, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ...) -> None: ...
+
+class GpuInfo(_message.Message):
+    __slots__ = ("ordinal", "uuid", "pci_bus_id", "context", "opened", "arena_bytes", "ring_bytes")
+    ORDINAL_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ordinal: int
+    uuid: str
+    pci_bus_id: str
+    context: bool
+    opened: bool
+    arena_bytes: int
+    ring_bytes: int
+    def __init__(self, ordinal: _Optional[int] = ..., uuid: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., context: _Optional[bool] = ..., opened: _Optional[bool] = ..., arena_bytes: _Optional[int] = ..., ring_bytes: _Optional[int] = ...) -> None: ...
+
+class FetchWorker(_message.Message):
+    __slots__ = ("index", "mode", "pid", "bytes", "gets", "cpu_seconds", "restarts", "connections_open")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    GETS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    mode: str
+    pid: int
+    bytes: int
+    gets: int
+    cpu_seconds: float
+    restarts: int
+    connections_open: int
+    def __init__(self, index: _Optional[int] = ..., mode: _Optional[str] = ..., pid: _Optional[int] = ..., bytes: _Optional[int] = ..., gets: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., restarts: _Optional[int] = ..., connections_open: _Optional[int] = ...) -> None: ...
+
+class RingInfo(_message.Message):
+    __slots__ = ("numa_node", "slots", "slot_bytes", "free_slots", "slots_taken", "gpu_uuids", "sizing", "pinned")
+    NUMA_NODE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_TAKEN_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    SIZING_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    numa_node: int
+    slots: int
+    slot_bytes: int
+    free_slots: int
+    slots_taken: int
+    gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    sizing: str
+    pinned: bool
+    def __init__(self, numa_node: _Optional[int] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., free_slots: _Optional[int] = ..., slots_taken: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., sizing: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class GetFileRequest(_message.Message):
     __slots__ = ("uri", "name")
