@@ -70,7 +70,7 @@ def curl_reader(
     ]
     config = work / "curl-tls.cfg"
     config.write_text("next\n".join(groups))  # without "next" the last range applies to all
-    argv = ["curl", "--parallel", "--parallel-immediate",
+    argv = ["curl", "--silent", "--show-error", "--parallel", "--parallel-immediate",
             "--parallel-max", "32", "-K", str(config)]  # fmt: skip
     runs = []
     for _ in range(args.runs + 1):
