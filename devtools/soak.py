@@ -137,7 +137,8 @@ def run(opts: Options, s3: S3Server | None = None, log: IO[str] = sys.stderr) ->
         targets = frozenset(TARGETS[t] for t in opts.fault_targets)
         injector = Injector(opts.seed, opts.fault_rate, targets, opts.header_fault_rate)
         proxy = stack.enter_context(CountingProxy(s3.endpoint, fault=injector))
-        daemon = SoakDaemon(workdir, clean_env({**s3.env(), "AWS_ENDPOINT_URL": proxy.endpoint}))
+        env = clean_env({**s3.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
+        daemon = SoakDaemon(workdir, env, fetch_workers=opts.fetch_workers)
         daemon.start()
         monitor = Monitor(daemon, report, stuck_after=min(STUCK, opts.deadline))
         monitor.start()
@@ -188,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-restart", action="store_true", help="never kill the daemon")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--fetch-workers", type=int, default=None,
+                        help="the daemon's [fetch] workers (default: its own default)")  # fmt: skip
     args = parser.parse_args(argv)
     opts = Options(
         seconds=args.seconds, workers=args.workers, seed=args.seed, deadline=args.deadline,
         fault_rate=args.fault_rate, header_fault_rate=args.header_fault_rate,
         fault_targets=tuple(args.faults.split(",")), restart=not args.no_restart, keep=args.keep,
+        fetch_workers=args.fetch_workers,
     )  # fmt: skip
     report = run(opts)
     print(report.dumps() if args.json else report.summary(), flush=True)

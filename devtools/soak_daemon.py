@@ -51,12 +51,15 @@ def live_segments(instance: str) -> list[str]:
 
 
 class SoakDaemon:
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], *, fetch_workers: int | None = None
+    ) -> None:
         self.workdir, self.env = workdir, env
         self.socket = workdir / "tf.sock"
+        fetch = f"[fetch]\nworkers = {fetch_workers}\n" if fetch_workers is not None else ""
         self.config = write_config(
             workdir, [f"s3://{BUCKET}/"], prelude=f"shutdown_grace = {SHUTDOWN_GRACE}\n",
-            s3=S3_CONFIG,
+            s3=S3_CONFIG, extra=fetch,
         )  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.procs: list[subprocess.Popen[bytes]] = []

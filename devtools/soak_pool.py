@@ -33,6 +33,8 @@ class Options:
     fault_targets: tuple[str, ...] = ("data", "header", "object")
     restart: bool = True
     keep: bool = False
+    #: The daemon's own `[fetch] workers` (None: its default): GETs in fetch processes.
+    fetch_workers: int | None = None
 
 
 @dataclasses.dataclass
