@@ -88,16 +88,20 @@ class _Call:
         return n
 
 
-def _pool(config: dict[str, Any], say: Say) -> HttpPool:
+def pool_from_config(
+    config: dict[str, Any], events: StoreEvents, proxies: ProxyChooser | None = None
+) -> HttpPool:
+    """The connection pool ``workers.worker_config`` describes: a worker's, and the daemon's
+    own (which passes the ``proxies`` it also uses for store calls)."""
     ca = config["ca_bundle"]
     return HttpPool(
         limit=config["limit"],
         connect_timeout=config["connect_timeout"],
         read_timeout=config["read_timeout"],
-        proxies=ProxyChooser(config["proxy"], config["proxy_variables"]),
+        proxies=proxies or ProxyChooser(config["proxy"], config["proxy_variables"]),
         fallback=config["fallback"],
         ca_bundle=Path(ca) if ca else None,
-        events=_Events(say),
+        events=events,
     )
 
 
@@ -115,7 +119,7 @@ async def serve(sock: socket.socket, dests: Destinations, cpu: Callable[[], floa
     if first is None or first[0] != "config":
         writer.close()
         return
-    pool = _pool(first[1], say)
+    pool = pool_from_config(first[1], _Events(say))
     calls: dict[int, _Call] = {}
 
     async def get(cid: int, url: str, headers: dict[str, str], where: Any, length: int,

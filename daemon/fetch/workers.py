@@ -53,6 +53,7 @@ def worker_config(s: S3Settings) -> dict[str, Any]:
     """What a fetch worker's connection pool is built from: no credentials (presigned URLs
     come with each GET), the proxy settings as this process reads them."""
     return {
+        # Every load's GETs to one host share these: as many as a load may grow to.
         "limit": max(s.concurrency, s.max_concurrency),
         "connect_timeout": s.connect_timeout,
         "read_timeout": s.read_timeout,

@@ -16,6 +16,7 @@ from typing import Any
 
 from tensorferry import env
 from tensorferry.daemon.config.settings import S3Settings
+from tensorferry.daemon.fetch.worker_main import pool_from_config
 from tensorferry.daemon.fetch.workers import WorkerPool, worker_config
 from tensorferry.daemon.store._http import HttpError, HttpPool, transport_error
 from tensorferry.daemon.store._http_tls import certificate_refused
@@ -74,16 +75,7 @@ class S3Backend:
         #: Told of each successful range GET's duration and each proxy fallback (metrics).
         self.events = events or StoreEvents()
         self.proxies = ProxyChooser(settings.proxy, env.proxy_variables())
-        self.local_pool = HttpPool(
-            # Every load's GETs to one host share these: as many as a load may grow to.
-            limit=max(settings.concurrency, settings.max_concurrency),
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            proxies=self.proxies,
-            fallback=settings.proxy_fallback,
-            ca_bundle=settings.ca_bundle,
-            events=self.events,
-        )
+        self.local_pool = pool_from_config(worker_config(settings), self.events, self.proxies)
         #: Where range GETs go: ``local_pool`` in this process, or fetch workers (``[fetch]
         #: workers``), which hand back to it what they cannot reach.
         self.pool: HttpPool | WorkerPool = self.local_pool
