@@ -19,6 +19,7 @@ from tensorferry.client._core import (
     lease_end_of,
     not_resident,
 )
+from tensorferry.client._lease import Lease, Metadata, Restore
 from tensorferry.client._model import LoadedModel, attach_model, close_released_gpu_mappings
 from tensorferry.client._stream import Assembler, AsyncTensorStream
 from tensorferry.errors import from_rpc_error
@@ -62,7 +63,8 @@ class AsyncClient(ClientCore):
         self._check_open()
         target = self._target(device)
         request = self._load_request(uri, device, target, client_name, select, rank, world_size)
-        call: _LoadCall = self._stub.Load(request, metadata=await self._apeer())
+        metadata = await self._apeer()
+        call: _LoadCall = self._stub.Load(request, metadata=metadata)
         try:
             async with asyncio.timeout(timeout):
                 ready, table = await collect_async(call, progress)
@@ -75,7 +77,7 @@ class AsyncClient(ClientCore):
         except BaseException:
             call.cancel()
             raise
-        return attach_model(ready, target, table, *self._hold(call))
+        return attach_model(ready, target, table, self._hold(call, request, metadata))
 
     def stream(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
@@ -89,13 +91,16 @@ class AsyncClient(ClientCore):
         request.stream_tensors = True
 
         async def start() -> tuple[_LoadCall, Assembler]:
-            call: _LoadCall = self._stub.Load(request, metadata=await self._apeer())
-            return call, Assembler(progress, target, lambda: self._hold(call))
+            metadata = await self._apeer()
+            call: _LoadCall = self._stub.Load(request, metadata=metadata)
+            return call, Assembler(progress, target, lambda: self._hold(call, request, metadata))
 
         return AsyncTensorStream(start, uri, self.socket, timeout)
 
-    def _hold(self, call: _LoadCall) -> tuple[Callable[[], None], Callable[[], str | None]]:
-        """A lease's ``end_lease`` and ``lease_end`` (see `attach_model`)."""
+    def _hold(self, call: _LoadCall, request: pb.LoadRequest, metadata: Metadata) -> Lease:
+        """The lease that ``call`` holds (see `attach_model`). Re-established after a
+        daemon restart over a sync channel of its own, in its own thread: it must not
+        depend on this loop still running then."""
         loop = asyncio.get_running_loop()
         self._leases.add(call)
 
@@ -108,19 +113,26 @@ class AsyncClient(ClientCore):
             with contextlib.suppress(RuntimeError):  # loop already closed: lease ended
                 loop.call_soon_threadsafe(cancel)
 
-        ended: list[str] = []
+        restore = (
+            None
+            if self.tcp is not None
+            else Restore(self.socket, request, self._peer, bool(metadata))
+        )
+        lease = Lease(end_lease, restore)
 
         async def record_end() -> None:
-            ended.append(lease_end_of(await call.code(), await call.trailing_metadata()))
+            lease.ended(lease_end_of(await call.code(), await call.trailing_metadata()))
 
         def on_done(_: object) -> None:
+            # A lease re-established after a restart is another call: forget this one.
+            self._leases.discard(call)
             # The status is in; reading it is a coroutine, so the answer comes a moment later.
             task = loop.create_task(record_end())
             self._ends.add(task)
             task.add_done_callback(self._ends.discard)
 
         call.add_done_callback(on_done)
-        return end_lease, lambda: ended[0] if ended else None
+        return lease
 
     async def preload(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,

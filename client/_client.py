@@ -9,58 +9,13 @@ from typing import Any
 
 import grpc
 
-from tensorferry.client._core import (
-    CONTROL_TIMEOUT,
-    ClientCore,
-    ProgressFn,
-    collect,
-    lease_end_of,
-    not_resident,
-)
+from tensorferry.client._core import CONTROL_TIMEOUT, ClientCore, ProgressFn, collect, not_resident
+from tensorferry.client._lease import Channel, Lease, Metadata, Restore
 from tensorferry.client._model import LoadedModel, attach_model, close_released_gpu_mappings
 from tensorferry.client._stream import Assembler, TensorStream
 from tensorferry.errors import from_rpc_error
 from tensorferry.v1 import tensorferry_pb2 as pb
 from tensorferry.v1 import tensorferry_pb2_grpc as pb_grpc
-
-
-class _Channel:
-    """A channel shared by a client and its leases; closed when neither needs it.
-
-    A lease is an open Load call: closing the channel would end every lease, so models
-    whose views are still alive keep it open after ``Client.close()``.
-    """
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.channel = channel
-        self._users = 1
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        with self._lock:
-            self._users += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            last = self._users == 0
-        if last:
-            self.channel.close()
-
-
-def _lease(call: Any, channel: _Channel) -> tuple[Callable[[], None], Callable[[], str | None]]:
-    """A lease's ``end_lease`` and ``lease_end`` (see `attach_model`): the open call keeps
-    the shared channel open until the lease ends."""
-    channel.acquire()
-
-    def end_lease() -> None:
-        call.cancel()
-        channel.release()
-
-    def lease_end() -> str | None:
-        return lease_end_of(call.code(), call.trailing_metadata()) if call.done() else None
-
-    return end_lease, lease_end
 
 
 class Client(ClientCore):
@@ -73,11 +28,25 @@ class Client(ClientCore):
     or the fake that $TENSORFERRY_FAKE_CUDA names in tests).
     """
 
-    _channel: _Channel | None
+    _channel: Channel | None
 
     def _connect(self) -> None:
-        self._channel = _Channel(self._open(grpc.insecure_channel, grpc.secure_channel))
+        self._channel = Channel(self._open(grpc.insecure_channel, grpc.secure_channel))
         self._stub = pb_grpc.LoaderStub(self._channel.channel)
+
+    def _lease(
+        self, call: Any, request: pb.LoadRequest, metadata: Metadata, channel: Channel
+    ) -> Lease:
+        """The lease that ``call`` holds; it keeps the shared channel open until it ends,
+        and over the Unix socket it is re-established after a daemon restart."""
+        restore = (
+            None
+            if self.tcp is not None
+            else Restore(self.socket, request, self._peer, bool(metadata))
+        )
+        lease = Lease(call.cancel, restore, channel)
+        lease.watch(call)
+        return lease
 
     def _call(self, method: Callable[..., Any], request: Any, *, peer: bool = False) -> Any:
         self._check_open()
@@ -112,7 +81,8 @@ class Client(ClientCore):
         target = self._target(device)
         request = self._load_request(uri, device, target, client_name, select, rank, world_size)
         # No deadline on the call: it is the lease, which outlives the wait for ready.
-        call = self._stub.Load(request, metadata=self._peer())
+        metadata = self._peer()
+        call = self._stub.Load(request, metadata=metadata)
         timer = threading.Timer(timeout, call.cancel) if timeout else None
         if timer is not None:
             timer.daemon = True
@@ -134,7 +104,9 @@ class Client(ClientCore):
         finally:
             if timer is not None:
                 timer.cancel()
-        return attach_model(ready, target, table, *_lease(call, self._channel))
+        return attach_model(
+            ready, target, table, self._lease(call, request, metadata, self._channel)
+        )
 
     def stream(
         self, uri: str, device: str = "cpu", *, timeout: float | None = None,
@@ -154,14 +126,17 @@ class Client(ClientCore):
         target = self._target(device)
         request = self._load_request(uri, device, target, client_name, select, rank, world_size)
         request.stream_tensors = True
-        call = self._stub.Load(request, metadata=self._peer())
+        metadata = self._peer()
+        call = self._stub.Load(request, metadata=metadata)
         timer = threading.Timer(timeout, call.cancel) if timeout else None
         if timer is not None:
             timer.daemon = True
             timer.start()
 
         return TensorStream(
-            call, Assembler(progress, target, lambda: _lease(call, channel)), uri, self.socket,
+            call,
+            Assembler(progress, target, lambda: self._lease(call, request, metadata, channel)),
+            uri, self.socket,
             timeout,
             timed_out=lambda: timer is not None and not timer.is_alive(),
             cleanup=timer.cancel if timer is not None else lambda: None,

@@ -22,7 +22,14 @@ if TYPE_CHECKING:
 #: ``progress(stage, bytes_done, bytes_total)``, called for each progress event of a load.
 ProgressFn = Callable[[str, int, int], None]
 # A tensor table of a large checkpoint comes in batches; one batch may exceed gRPC's 4 MiB.
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+# Reconnect backoff capped at 1 s (gRPC's default grows to 120 s): a restarted daemon is
+# reached within about a second, and the leases of the models a worker holds with it.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 C = TypeVar("C")
 #: Seconds for the unary control calls (List, Status, Evict, Release).
 CONTROL_TIMEOUT = 10.0

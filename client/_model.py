@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING
 from tensorferry.v1 import tensorferry_pb2 as pb
 
 if TYPE_CHECKING:
+    import os
+
     import torch
 
     from tensorferry.client._cuda import CudaTarget
+    from tensorferry.client._lease import Lease
 
 
 def close_released_gpu_mappings() -> int:
@@ -40,14 +43,10 @@ class LoadedModel:
     """
 
     def __init__(
-        self,
-        ready: pb.Ready,
-        tensors: dict[str, torch.Tensor],
-        lease_end: Callable[[], str | None] = lambda: None,
+        self, ready: pb.Ready, tensors: dict[str, torch.Tensor], lease: Lease | None = None
     ) -> None:
-        self._lease_end = lease_end
-        self.model_id = ready.model_id
-        self.lease_id = ready.lease_id
+        self._lease = lease
+        self._ids = (ready.model_id, ready.lease_id)
         self.total_bytes = ready.total_bytes
         self.attached = ready.attached
         self.seconds = ready.seconds
@@ -56,10 +55,26 @@ class LoadedModel:
 
     @property
     def lease_end(self) -> str | None:
-        """None while the lease is held; then why it ended: "released" (Release),
+        """None while a lease is held; else why the last one ended: "released" (Release),
         "shutdown" (the daemon stopped), "closed" (this process ended it), "lost" (the
-        connection to the daemon broke)."""
-        return self._lease_end()
+        connection to the daemon broke). After "shutdown" or "lost", a CPU lease is
+        re-established when the daemon is back with the arena (None again)."""
+        return None if self._lease is None else self._lease.end_reason()
+
+    @property
+    def lease_restores(self) -> int:
+        """How many times the lease was re-established after a daemon restart."""
+        return 0 if self._lease is None else self._lease.restores
+
+    @property
+    def model_id(self) -> str:
+        """The daemon's id of the model (the restarted daemon's after a restore)."""
+        return self._lease.model_id if self._lease is not None else self._ids[0]
+
+    @property
+    def lease_id(self) -> str:
+        """The lease's id (the re-established one's after a restore)."""
+        return self._lease.lease_id if self._lease is not None else self._ids[1]
 
     def close(self) -> None:
         self.tensors = {}
@@ -78,34 +93,33 @@ class LoadedModel:
 
 
 def attach_model(
-    ready: pb.Ready,
-    target: CudaTarget | None,
-    table: list[pb.TensorInfo],
-    end_lease: Callable[[], None],
-    lease_end: Callable[[], str | None],
+    ready: pb.Ready, target: CudaTarget | None, table: list[pb.TensorInfo], lease: Lease
 ) -> LoadedModel:
     """Map the ready event's grant and build the views; the lease ends if mapping fails.
 
-    ``end_lease`` runs once the last view is gone, maybe on another thread (the garbage
-    collector's); ``lease_end`` answers `LoadedModel.lease_end`.
+    ``lease.end`` runs once the last view is gone, maybe on another thread (the garbage
+    collector's); the lease answers `LoadedModel.lease_end`.
     """
     from tensorferry.client._views import build_views
 
-    flat = map_or_end(ready, target, end_lease)
-    return LoadedModel(ready, build_views(flat, table), lease_end)
+    flat = map_or_end(ready, target, lease.end, on_mapped=lease.mapped)
+    views = build_views(flat, table)
+    lease.ready(ready)
+    return LoadedModel(ready, views, lease)
 
 
 def map_or_end(
     grant: pb.Ready | pb.Arena, target: CudaTarget | None, end_lease: Callable[[], None],
-    fd: int | None = None,
+    fd: int | None = None, on_mapped: Callable[[os.stat_result], None] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The flat tensor over the granted arena (``fd``: its CPU segment, already open);
-    ``end_lease`` runs when it and every view of it are gone, or at once if mapping fails."""
+    ``end_lease`` runs when it and every view of it are gone, or at once if mapping fails;
+    ``on_mapped`` gets a CPU segment's fstat (the identity a restored lease must match)."""
     # torch loads here, not at import: `tensorferry ls/status/evict` stay fast.
     from tensorferry.client._views import map_grant
 
     try:
-        return map_grant(grant, target, end_lease, fd)
+        return map_grant(grant, target, end_lease, fd, on_mapped)
     except BaseException as exc:
         # Only a GPU grant can leave a mapping open; a CPU attach never loads the CUDA
         # module (5 ms in a fresh process).

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from tensorferry.client._cuda import CudaTarget
+    from tensorferry.client._lease import Lease
 
 Pair = tuple[str, "torch.Tensor"]
 
@@ -33,13 +34,13 @@ class Assembler:
 
     def __init__(
         self, progress: ProgressFn | None, target: CudaTarget | None,
-        lease: Callable[[], tuple[Callable[[], None], Callable[[], str | None]]],
+        lease: Callable[[], Lease],
     ) -> None:  # fmt: skip
         self._stream = LoadStream(progress)
         self._target = target
-        #: Called once, when the arena is mapped: (end_lease, lease_end).
+        #: Called once, when the arena is mapped.
         self._lease = lease
-        self._lease_end: Callable[[], str | None] = lambda: None
+        self._held: Lease | None = None
         self._flat: torch.Tensor | None = None
         self._given: set[int] = set()
         #: The arena event named a segment that was not there (see `_map_early`).
@@ -62,7 +63,10 @@ class Assembler:
         from tensorferry.client._views import build_views
 
         assert self._flat is not None
-        self.model = LoadedModel(ready, build_views(self._flat, table), self._lease_end)
+        assert self._held is not None
+        views = build_views(self._flat, table)
+        self._held.ready(ready)
+        self.model = LoadedModel(ready, views, self._held)
         self._flat = None
         return rest
 
@@ -92,12 +96,12 @@ class Assembler:
         if self._flat is not None:
             return
         try:
-            end_lease, self._lease_end = self._lease()
+            self._held = lease = self._lease()
         except BaseException:
             if fd is not None:
                 os.close(fd)
             raise
-        self._flat = map_or_end(grant, self._target, end_lease, fd)
+        self._flat = map_or_end(grant, self._target, lease.end, fd, lease.mapped)
 
     def _views(self, indexes: Any) -> list[Pair]:
         if self._flat is None:

@@ -32,15 +32,16 @@ SHM_DIR = Path("/dev/shm")
 
 def map_grant(
     ready: pb.Ready | pb.Arena, target: CudaTarget | None, on_last_view: Callable[[], None],
-    fd: int | None = None,
+    fd: int | None = None, on_mapped: Callable[[os.stat_result], None] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The flat uint8 tensor over the arena a Ready (or Arena) event grants (CPU or GPU);
-    ``fd``: the CPU segment, already opened (`open_segment`)."""
+    ``fd``: the CPU segment, already opened (`open_segment`); ``on_mapped``: see
+    `map_cpu_arena`."""
     if ready.WhichOneof("grant") == "cuda_ipc":
         from tensorferry.client._cuda import import_arena
 
         return import_arena(ready.cuda_ipc, target, on_last_view)
-    return map_cpu_arena(ready.cpu_shm, on_last_view, fd)
+    return map_cpu_arena(ready.cpu_shm, on_last_view, fd, on_mapped)
 
 
 def open_segment(grant: pb.CpuShmGrant) -> int:
@@ -57,11 +58,13 @@ def open_segment(grant: pb.CpuShmGrant) -> int:
 
 
 def map_cpu_arena(
-    grant: pb.CpuShmGrant, on_last_view: Callable[[], None], fd: int | None = None
-) -> torch.Tensor:
+    grant: pb.CpuShmGrant, on_last_view: Callable[[], None], fd: int | None = None,
+    on_mapped: Callable[[os.stat_result], None] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """One flat uint8 tensor over the segment (``fd``, else opened here; closed either
     way); ``on_last_view`` runs when it and every view of it are gone (that is when the
-    worker may drop its lease).
+    worker may drop its lease). ``on_mapped`` gets the segment's fstat once it is mapped:
+    a lease re-established after a daemon restart must be on this very file.
 
     The mapping is private (copy-on-write) over a read-only descriptor: a worker that
     writes into a tensor changes its own copy of that page, never the shared model.
@@ -71,8 +74,11 @@ def map_cpu_arena(
     try:
         mapping = mmap.mmap(fd, grant.size, flags=mmap.MAP_PRIVATE,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+        st = os.fstat(fd) if on_mapped is not None else None
     finally:
         os.close(fd)
+    if on_mapped is not None and st is not None:
+        on_mapped(st)
     # numpy holds a buffer export on the mmap, so it cannot be unmapped while torch
     # storage (which keeps the array alive) exists: no dangling views, ever.
     array = np.frombuffer(mapping, dtype=np.uint8)

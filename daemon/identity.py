@@ -66,6 +66,10 @@ class TensorNames:
     def known(self, source: tuple[str, str]) -> bool:
         return source in self._names
 
+    def get(self, source: tuple[str, str]) -> tuple[str, ...]:
+        """The names of ``source`` when known (for a sealed arena's manifest), else ()."""
+        return self._names.get(source, ())
+
     def selection_key(self, source: tuple[str, str], patterns: tuple[str, ...]) -> tuple[str, ...]:
         """``()`` for everything, else a digest of the selected names.
 

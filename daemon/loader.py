@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from tensorferry.daemon.adoption import seal_ready
 from tensorferry.daemon.arrivals import Arrivals
 from tensorferry.daemon.config.settings import Settings
 from tensorferry.daemon.cpu_load import Loaded, OnLanded
@@ -214,6 +215,8 @@ class Loader:
         finally:
             if model.arrivals is not None:
                 model.arrivals.finish()
+        names = self.names.get((model.key.weights, model.key.version))
+        seal_ready(self.cpu, self.settings, target, [model, *model.fan_out], loaded, names)
         st, end = loaded[0].stats, time.monotonic()
         self.recent.append(
             LoadRecord(

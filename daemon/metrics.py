@@ -55,6 +55,14 @@ class _Live(Collector):
         leases = GaugeMetricFamily("tensorferry_leases", "Open worker leases")
         leases.add_metric([], sum(len(m.leases) for m in models))
         yield leases
+        adopted = [m.loaded.arena.size for m in models if m.adopted and m.loaded is not None]
+        yield GaugeMetricFamily(
+            "tensorferry_adopted_models", "Resident models adopted at start from the daemon "
+            "before (nothing fetched)", value=len(adopted),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "tensorferry_adopted_bytes", "Bytes of the adopted models' arenas", value=sum(adopted)
+        )
         loaded = GaugeMetricFamily("tensorferry_models", "Models by state", labels=["state"])
         for state in ("loading", "ready", "evicting"):
             loaded.add_metric([state], sum(1 for m in models if m.state.value == state))

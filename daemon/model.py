@@ -73,6 +73,11 @@ class Model:
     evicted_by: str = ""
     #: A CPU load's complete tensors, from the moment its arena exists (streamed loads).
     arrivals: Arrivals | None = None
+    #: Adopted at start from the daemon before (its arena sealed, its source unchanged).
+    adopted: bool = False
+    #: Not evicted to make room before this (``time.monotonic``): workers of the daemon
+    #: before may still map an adopted arena and are re-establishing their leases.
+    hold_until: float = 0.0
 
     def info(self) -> pb.ModelInfo:
         """As List and Status show it."""
@@ -83,7 +88,7 @@ class Model:
             bytes=loaded.arena.size if loaded else 0,
             tensor_count=len(loaded.plan.tensors) if loaded else 0,
             leases=len(model.leases), lease_clients=sorted(model.leases.values()),
-            pinned=model.pinned, waiting=model.waiters,
+            pinned=model.pinned, waiting=model.waiters, adopted=model.adopted,
         )  # fmt: skip
 
     def named(self, what: str) -> bool:

@@ -3,10 +3,8 @@
 Models (``daemon.model``) are keyed by what they hold. Concurrent loads of one key share
 one fetch; a lease is held by an open Load stream; an arena is freed only when its model is
 evicted and no lease holds it. Evicting a model that is still loading cancels its fetch,
-and its waiters fail with ``ModelEvicted``.
-
-A preload onto several GPUs starts one load for all of them: the first model runs it and
-the others (its ``fan_out``) become ready, or fail, with it.
+and its waiters fail with ``ModelEvicted``. A preload onto several GPUs starts one load
+for all of them: the others (its ``fan_out``) become ready, or fail, with the first.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from tensorferry.daemon.cpu_load import Loaded
 from tensorferry.daemon.devices import CPU
 from tensorferry.daemon.model import Eviction, Model, ModelKey, State
 from tensorferry.daemon.sinks import Sinks
-from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.errors import FailedPrecondition, ModelNotFound, ResourceExhausted, quote
 
 if TYPE_CHECKING:
@@ -84,8 +82,7 @@ class Registry:
         several GPUs); those not resident or loading join the load started here.
         """
         missing = [k for k in fan_out if k not in self._by_key]
-        model = self._by_key.get(key)
-        if model is not None:
+        if (model := self._by_key.get(key)) is not None:
             model.last_used = time.monotonic()
             model.aliases.add(uri)
             if missing:
@@ -158,8 +155,8 @@ class Registry:
     def _fail(self, model: Model, exc: BaseException, evicted_by: str = "") -> None:
         self._forget(model)
         if model.done.done():
-            pass
-        elif isinstance(exc, asyncio.CancelledError) and evicted_by:
+            return
+        if isinstance(exc, asyncio.CancelledError) and evicted_by:
             model.evicted_by = evicted_by
             model.done.set_exception(model.evicted_error())
             model.done.exception()  # waiters may all be gone; mark it retrieved
@@ -182,6 +179,13 @@ class Registry:
         if self._by_key.get(model.key) is model:
             del self._by_key[model.key]
         self._all.pop(model.id, None)
+
+    def adopt(self, key: ModelKey, uri: str, loaded: Loaded) -> Model:
+        """A ready model with no load: an arena adopted at start (``daemon.adoption``)."""
+        model = self._new(key, uri, "adopted")
+        model.loaded, model.state = loaded, State.READY
+        model.done.set_result(loaded)
+        return model
 
     def add_lease(self, model: Model, client: str) -> str:
         lease = secrets.token_hex(8)
@@ -245,6 +249,8 @@ class Registry:
                     model.task.cancel()  # _run fails the group with ModelEvicted
                 continue
             model.state = State.EVICTING
+            if model.loaded is not None and isinstance(model.loaded.arena, ShmArena):
+                self.sink.unseal(model.loaded.arena)  # a crash now must not bring it back
             pending += len(model.leases)
             self._maybe_free(model)
         return Eviction([m.id for m in matches], pending, refused)
@@ -252,10 +258,11 @@ class Registry:
     def reclaim(self, needed: int, device: str = "cpu") -> None:
         """Evict ready models on ``device`` that nobody holds, least recently used first,
         to free ``needed`` bytes there."""
+        now = time.monotonic()
         idle = sorted(
             (m for m in self._all.values()
              if m.state is State.READY and not m.leases and not m.pinned and m.loaded
-             and m.key.device == device),
+             and m.key.device == device and m.hold_until <= now),
             key=lambda m: m.last_used,
         )  # fmt: skip
         freed = 0
@@ -284,9 +291,16 @@ class Registry:
         for task in self._loads:
             task.cancel()
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        """Release every arena but, with ``keep``, the sealed ones of ready CPU models."""
         for model in list(self._all.values()):
-            if model.loaded is not None:
+            if model.loaded is None:
+                continue
+            arena = model.loaded.arena
+            if keep and model.state is State.READY and isinstance(arena, ShmArena) and arena.sealed:
+                log.info("leaving %s sealed for the next daemon: %s", model.uri, arena.path)
+                self.sink.leave(arena)
+            else:
                 self._release(model, recycle=False)
         self._all.clear()
         self._by_key.clear()

@@ -17,18 +17,20 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorferry.daemon import systemd
+from tensorferry.daemon.adoption import adopt_claimed
 from tensorferry.daemon.config.settings import ConfigError, Settings, TcpSettings
 from tensorferry.daemon.fetch.link import link_rate
 from tensorferry.daemon.fetch.workers import worker_count
 from tensorferry.daemon.gpu.runtime import open_cuda
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.metrics import Metrics
+from tensorferry.daemon.model import Model, State
 from tensorferry.daemon.records import RecentLoads
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.rpc.admission import Admission, Gate
 from tensorferry.daemon.rpc.peers import serve_peers
 from tensorferry.daemon.rpc.service import LoaderService
-from tensorferry.daemon.sinks.cpu_shm import CpuShmSink
+from tensorferry.daemon.sinks.cpu_shm import CpuShmSink, ShmArena
 from tensorferry.daemon.store.base import StoreEvents
 from tensorferry.daemon.store.cache import DiskTier
 from tensorferry.daemon.store.s3 import S3Backend
@@ -44,8 +46,12 @@ class AlreadyRunning(RuntimeError):
 
 
 @contextlib.asynccontextmanager
-async def hold_socket_lock(socket: Path) -> AsyncIterator[None]:
-    """An flock beside the socket: grpc would silently steal a live daemon's socket path."""
+async def hold_socket_lock(socket: Path, keep: bool = False) -> AsyncIterator[None]:
+    """An flock beside the socket: grpc would silently steal a live daemon's socket path.
+
+    With ``keep`` the lock file stays at exit: it tells a daemon of another socket that
+    this one may start again, so its sealed arenas are left for it (``adopt_shm``).
+    """
     socket.parent.mkdir(parents=True, exist_ok=True)
     lock_path = socket.with_name(socket.name + ".lock")
     while True:
@@ -74,8 +80,9 @@ async def hold_socket_lock(socket: Path) -> AsyncIterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             socket.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()
+        if not keep:
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
         os.close(fd)
 
 
@@ -94,12 +101,16 @@ async def run_daemon(
     if settings.allow_any_source:
         log.warning("serving ANY source the daemon's credentials can read (--allow-any-source)")
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(hold_socket_lock(settings.socket))
+        await stack.enter_async_context(hold_socket_lock(settings.socket, settings.adopt_arenas))
+        # Under systemd the sealed arenas' descriptors are kept by its descriptor store too
+        # (with [memory] adopt = false, what it kept is dropped from it at start).
+        fd_store = systemd.FdStore()
         sink = await stack.enter_async_context(
             CpuShmSink(settings.shm_dir, mode=settings.socket_mode & 0o440,
                        budget=settings.shm_budget, group=settings.group_id(),
                        recycle_budget=settings.recycle_bytes,
-                       warm_bytes=settings.limits.warm_bytes)
+                       warm_bytes=settings.limits.warm_bytes, socket=str(settings.socket),
+                       adopt=settings.adopt_arenas, fd_store=fd_store)
         )  # fmt: skip
         # Before the task group: loads end (and their copies complete) before CUDA goes.
         cuda = await stack.enter_async_context(
@@ -123,7 +134,10 @@ async def run_daemon(
             sink, tasks, loader, limits.max_concurrent_loads, limits.max_loads_per_client,
             cuda=cuda,
         )  # fmt: skip
-        stack.callback(registry.close)
+        # Sealed arenas of ready models stay for the next daemon ([memory] adopt).
+        stack.callback(registry.close, settings.adopt_arenas)
+        # Before anyone is served: a request never refetches a model about to be adopted.
+        await adopt_claimed(loader, registry, settings)
         if settings.metrics_listen:
             workers = backend.fetch_workers if backend is not None else list
             metrics = Metrics(registry, workers)
@@ -216,15 +230,25 @@ async def _open_s3(
 async def _drain(service: LoaderService, grace: float) -> None:
     """Refuse new loads; give workers up to ``grace`` seconds to end their leases.
 
-    CUDA arenas die with the exporting process and CPU arenas are unlinked at exit, so a
-    worker must reload after a daemon restart; the grace lets a rolling restart first
-    move traffic away.
+    CUDA arenas die with the exporting process, so a GPU worker must reload after a daemon
+    restart; the grace lets a rolling restart first move traffic away. Sealed CPU arenas
+    stay for the next daemon (``[memory] adopt``), and their workers' leases come back.
     """
     service.draining.set()
     deadline = time.monotonic() + grace
+    keep = service.settings.adopt_arenas
     # Polled: shutdown is rare and 50 ms is fine; an event would thread through the registry.
-    while time.monotonic() < deadline and any(m.leases for m in service.registry.models):  # noqa: ASYNC110
+    while time.monotonic() < deadline and any(  # noqa: ASYNC110
+        m.leases and not (keep and _outlives(m)) for m in service.registry.models
+    ):
         await asyncio.sleep(0.05)
+
+
+def _outlives(model: Model) -> bool:
+    """A ready model whose arena is sealed: the next daemon adopts it, so its workers keep
+    their tensors and get their leases back; no need to wait for them."""
+    arena = model.loaded.arena if model.loaded is not None else None
+    return model.state is State.READY and isinstance(arena, ShmArena) and arena.sealed
 
 
 async def _preload(service: LoaderService, uri: str) -> None:

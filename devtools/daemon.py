@@ -52,6 +52,20 @@ def write_config(
     return config
 
 
+def with_memory_key(extra: str, line: str) -> str:
+    """``extra`` config tables with ``line`` in its [memory] table (added if absent), unless
+    that key is set there already."""
+    key = line.split("=")[0].strip()
+    lines = extra.splitlines()
+    if "[memory]" not in lines:
+        return f"{extra}\n[memory]\n{line}\n"
+    at = lines.index("[memory]")
+    end = next((i for i in range(at + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    if any(x.split("=")[0].strip() == key for x in lines[at + 1 : end]):
+        return extra
+    return "\n".join([*lines[: at + 1], line, *lines[at + 1 :]]) + "\n"
+
+
 def spawn_daemon(
     config: Path, socket: Path, env: Mapping[str, str], *, args: Sequence[str] = (),
     log: Path | None = None,
@@ -119,9 +133,13 @@ def daemon_subprocess(
     workdir: Path, s3: S3Server | None, allow: list[str], *, extra_config: str = "",
     start_timeout: float = 30.0, log: Path | None = None,
 ) -> Iterator[DaemonProcess]:  # fmt: skip
-    """The daemon on ``workdir / "tf.sock"`` until the block ends, then stopped with SIGTERM."""
+    """The daemon on ``workdir / "tf.sock"`` until the block ends, then stopped with SIGTERM.
+
+    A throwaway daemon: its arenas are removed at exit, not left for a next one on this
+    socket (``[memory] adopt = false``) unless ``extra_config`` says otherwise.
+    """
     socket = workdir / "tf.sock"
-    config = write_config(workdir, allow, extra=extra_config)
+    config = write_config(workdir, allow, extra=with_memory_key(extra_config, "adopt = false"))
     env = {**os.environ, **(s3.env() if s3 else {})}
     proc = spawn_daemon(config, socket, env, log=log)
     try:

@@ -75,12 +75,13 @@ def restart(daemon: SoakDaemon, report: Report) -> None:
     left = daemon.kill()
     time.sleep(0.5)  # workers meet a dead socket
     old = daemon.instances[-1]
-    daemon.start()
+    status = daemon.start()
+    report.adopted_models += status.adopted_models
     report.restart_gaps.append([t0, time.monotonic()])
     report.daemon_restarts += 1
     report.swept_segments += len(left)
     if unswept := live_segments(old):
-        report.problems.append(f"leak: the restarted daemon did not sweep {unswept}")
+        report.problems.append(f"leak: the restarted daemon did not sweep or adopt {unswept}")
 
 
 def shutdown_check(pool: Pool, report: Report) -> None:

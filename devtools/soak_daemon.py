@@ -47,7 +47,24 @@ def shm_files(instance: str) -> list[str]:
 
 
 def live_segments(instance: str) -> list[str]:
-    return [n for n in shm_files(instance) if not n.endswith(".lock") and ".free" not in n]
+    return [
+        n for n in shm_files(instance)
+        if not n.endswith((".lock", ".sealed")) and ".free" not in n and ".sealing-" not in n
+    ]  # fmt: skip
+
+
+def remove_sealed(instance: str) -> list[str]:
+    """Remove the sealed arenas a stopped daemon left for its successor ([memory] adopt)
+    and their manifests; the segments left without one (a leak)."""
+    unsealed = []
+    for name in live_segments(instance):
+        manifest = SHM / f"{name}.sealed"
+        if manifest.exists():
+            manifest.unlink()
+            (SHM / name).unlink(missing_ok=True)
+        else:
+            unsealed.append(name)
+    return unsealed
 
 
 class SoakDaemon:
@@ -192,12 +209,16 @@ def settle(daemon: SoakDaemon, report: Report, timeout: float = 20.0) -> None:
 
 
 def check_leftovers(daemon: SoakDaemon, report: Report) -> None:
-    """After the daemon stopped: no file of any of its instances in /dev/shm, no socket,
-    no process left in its groups."""
+    """After the daemon stopped: no file of any of its instances in /dev/shm but the
+    sealed arenas the last one left for a successor, no socket, no process left in its
+    groups."""
+    if daemon.instances:
+        remove_sealed(daemon.instances[-1])
     for instance in daemon.instances:
         if left := shm_files(instance):
             report.problems.append(f"leak: instance {instance} left {left} in /dev/shm")
-    for suffix in ("", ".peer", ".lock"):
+    # The socket's .lock stays: a daemon that left sealed arenas may start again.
+    for suffix in ("", ".peer"):
         path = daemon.socket.with_name(daemon.socket.name + suffix)
         if path.exists():
             report.problems.append(f"leak: {path} is left")

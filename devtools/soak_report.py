@@ -69,6 +69,8 @@ class Report:
     daemon_restarts: int = 0
     restart_gaps: list[list[float]] = dataclasses.field(default_factory=list)
     swept_segments: int = 0
+    #: Of those, arenas the restarted daemon adopted (sealed, source unchanged) and served.
+    adopted_models: int = 0
     retries: int = 0
     longest_action: float = 0.0
     longest_loading: float = 0.0
@@ -201,7 +203,8 @@ class Report:
             f"  requests         {self.requests}; daemon retries (recent loads) {self.retries}",
             f"  self-kills       {kills}",
             f"  daemon restarts  {self.daemon_restarts} (gaps {self._gaps()}), "
-            f"{self.swept_segments} dead segments swept",
+            f"{self.swept_segments} dead segments swept or adopted "
+            f"({self.adopted_models} adopted)",
             f"  longest action   {self.longest_action:.1f} s; longest `loading` "
             f"{self.longest_loading:.1f} s {self.longest_loading_model}; daemon RssAnon MiB "
             f"{self._rss()}",

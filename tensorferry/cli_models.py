@@ -100,7 +100,7 @@ def ls(args: argparse.Namespace) -> int:
     if not models:
         print("no resident models")
     for m in models:
-        pinned = "\tpinned" if m.pinned else ""
+        pinned = ("\tpinned" if m.pinned else "") + ("\tadopted" if m.adopted else "")
         print(
             f"{m.model_id}\t{m.state}\t{m.bytes / 1e9:.3f} GB\t{m.leases} leases\t{m.uri}{pinned}"
         )
@@ -133,6 +133,11 @@ def status(args: argparse.Namespace) -> int:
         f"tensorferry {status.version} pid {status.pid} instance {status.instance_id} "
         f"up {status.uptime_seconds:.0f} s; resident {status.resident_bytes / 1e9:.3f} GB"
     )
+    if status.adopted_models:
+        print(
+            f"  adopted at start: {status.adopted_models} models, "
+            f"{status.adopted_bytes / 1e9:.3f} GB (resident from the daemon before, not fetched)"
+        )
     for g in status.rings:
         node = f" (NUMA node {g.numa_node})" if g.numa_node >= 0 else ""
         pinned = g.slots * g.slot_bytes / 2**30
@@ -154,7 +159,8 @@ def status(args: argparse.Namespace) -> int:
             f"{w.connections_open} connections{again}"
         )
     for m in status.models:
-        print(f"  {m.model_id} {m.state} {m.bytes / 1e9:.3f} GB leases={m.leases} {m.uri}")
+        adopted = " adopted" if m.adopted else ""
+        print(f"  {m.model_id} {m.state}{adopted} {m.bytes / 1e9:.3f} GB leases={m.leases} {m.uri}")
     for r in status.recent_loads:
         print(f"  load {r.outcome} {r.uri}: plan {r.plan_seconds:.2f}s arena "
               f"{r.arena_seconds:.2f}s first byte "

@@ -37,6 +37,10 @@ RESERVE_FIRST = "TENSORFERRY_RESERVE_FIRST"
 #: Tests only, never in production: seconds the warm pool ([limits] warm_bytes) pauses
 #: after each region it populates, so a test sees it part-populated on any machine.
 WARM_PACE = "TENSORFERRY_TEST_WARM_PACE"
+#: Worker side: seconds a worker waits for a stopped daemon to come back and re-establish
+#: the leases of the models it holds (default 300); 0 turns re-establishing off.
+LEASE_RESTORE_SECONDS = "TENSORFERRY_LEASE_RESTORE_SECONDS"
+DEFAULT_LEASE_RESTORE_SECONDS = 300.0
 
 
 def _get(name: str) -> str | None:
@@ -67,6 +71,28 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
 def notify_socket() -> str | None:
     """systemd's $NOTIFY_SOCKET (Type=notify services)."""
     return _get("NOTIFY_SOCKET")
+
+
+#: systemd socket activation and file-descriptor store (sd_listen_fds(3)): the fds passed
+#: from 3 on, for the process whose pid is LISTEN_PID, named by LISTEN_FDNAMES.
+LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def listen_fds() -> tuple[int | None, int | None, str | None]:
+    """$LISTEN_PID and $LISTEN_FDS (None unless a decimal number) and $LISTEN_FDNAMES
+    (None when unset; names may be empty, so it is not stripped)."""
+    pid, count = _get("LISTEN_PID"), _get("LISTEN_FDS")
+    return (
+        int(pid) if pid and pid.isdigit() else None,
+        int(count) if count and count.isdigit() else None,
+        os.environ.get("LISTEN_FDNAMES"),
+    )
+
+
+def forget_listen_fds() -> None:
+    """Unset the LISTEN_* variables, so processes this one starts do not take them as theirs."""
+    for name in LISTEN_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def watchdog_usec() -> int | None:
@@ -114,3 +140,14 @@ def reserve_first() -> bool:
 def warm_pace() -> float:
     value = _get(WARM_PACE)
     return float(value) if value else 0.0
+
+
+def lease_restore_seconds() -> float:
+    """$TENSORFERRY_LEASE_RESTORE_SECONDS, else the default; a value that is not a
+    non-negative number is the default too (a worker must not fail over its lease)."""
+    value = _get(LEASE_RESTORE_SECONDS)
+    try:
+        seconds = float(value) if value else DEFAULT_LEASE_RESTORE_SECONDS
+    except ValueError:
+        return DEFAULT_LEASE_RESTORE_SECONDS
+    return seconds if seconds >= 0 else DEFAULT_LEASE_RESTORE_SECONDS

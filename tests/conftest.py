@@ -98,8 +98,25 @@ class Daemon:
 
     def segments(self) -> list[str]:
         names = (p.name for p in SHM.glob(f"tensorferry.{self.instance}.*"))
-        # Lock files and freed arenas kept for reuse (".free-<token>") are not live segments.
-        return sorted(n for n in names if not n.endswith(".lock") and ".free" not in n)
+        # Lock files, freed arenas kept for reuse (".free-<token>") and the manifests of
+        # sealed arenas (".sealed") are not live segments.
+        return sorted(
+            n for n in names
+            if not n.endswith((".lock", ".sealed")) and ".free" not in n and ".sealing-" not in n
+        )  # fmt: skip
+
+    def remove_sealed(self) -> list[str]:
+        """Remove the sealed arenas a stopped daemon left for the next one ([memory] adopt)
+        and their manifests; the segments left WITHOUT a manifest, which nothing adopts."""
+        unsealed = []
+        for name in self.segments():
+            manifest = SHM / f"{name}.sealed"
+            if manifest.exists():
+                manifest.unlink()
+            else:
+                unsealed.append(name)
+            (SHM / name).unlink(missing_ok=True)
+        return unsealed
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
@@ -164,7 +181,8 @@ def running_daemon(env: dict[str, str], **kwargs: Any) -> Iterator[Daemon]:
     finally:
         if daemon.proc.poll() is None:
             daemon.stop()
-        leftover = daemon.segments()
+        # Sealed arenas stay for the next daemon on this socket, which no test starts.
+        leftover = daemon.remove_sealed()
         daemon.final_output = daemon.output()
         shutil.rmtree(daemon.log.parent, ignore_errors=True)
         assert leftover == [], f"daemon left shared-memory segments: {leftover}"

@@ -45,7 +45,7 @@ def reusing(s3: S3Server, window: float | None) -> Iterator[tuple[Daemon, Counti
             assert_clean(daemon)
         finally:
             daemon.stop()
-            leftover = daemon.segments()
+            leftover = daemon.remove_sealed()  # sealed arenas stay for a next daemon
             shutil.rmtree(workdir, ignore_errors=True)
             assert leftover == [], f"daemon left shared-memory segments: {leftover}"
 

@@ -61,7 +61,7 @@ def fleet(cache: S3Server, n: int) -> Iterator[list[Daemon]]:
                 d.proc.send_signal(signal.SIGTERM)
         for d in daemons:
             d.stop()
-        leftover = [s for d in daemons for s in d.segments()]
+        leftover = [s for d in daemons for s in d.remove_sealed()]
         for d in daemons:
             shutil.rmtree(d.log.parent, ignore_errors=True)
         assert leftover == [], f"daemons left shared-memory segments: {leftover}"

@@ -69,12 +69,15 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_sigterm_with_a_worker_attached_leaves_nothing_behind(
+def test_sigterm_with_a_worker_attached_leaves_nothing_behind_without_adoption(
     s3: S3Server, tmp_path: Path, prefix: str
 ) -> None:
     write_model(tmp_path / "m", 3 << 20, shards=2, layer_bytes=1 << 20)
     uri = upload(s3, tmp_path / "m", prefix)
-    d = start_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"])
+    # [memory] adopt = true leaves sealed arenas for the next daemon (test_adoption.py).
+    d = start_daemon(
+        daemon_env(s3), allow=[f"s3://{BUCKET}/"], extra_config="[memory]\nadopt = false\n"
+    )
     worker = subprocess.Popen(
         [sys.executable, "-c", WORKER, str(d.socket), uri],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

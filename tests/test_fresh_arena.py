@@ -52,8 +52,9 @@ def _rss_shmem(pid: int) -> int:
 
 def _files(d: Daemon) -> list[Path]:
     return sorted(
-        p for p in SHM.glob(f"tensorferry.{d.instance}.*") if not p.name.endswith(".lock")
-    )
+        p for p in SHM.glob(f"tensorferry.{d.instance}.*")
+        if not p.name.endswith((".lock", ".sealed"))
+    )  # fmt: skip
 
 
 def _load_and_check(d: Daemon, uri: str, model_file: Path) -> None:

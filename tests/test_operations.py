@@ -62,7 +62,12 @@ def test_sigterm_drains_leases_within_the_grace_period(
 ) -> None:
     write_model(tmp_path / "m", 1 << 20, layer_bytes=1 << 19)
     uri = upload(s3, tmp_path / "m", prefix)
-    d = start_daemon(daemon_env(s3), allow=[f"s3://{BUCKET}/"], prelude="shutdown_grace = 20\n")
+    # With [memory] adopt (the default) a sealed model's lease comes back after the restart,
+    # so SIGTERM does not wait for it; without, the lease is drained.
+    d = start_daemon(
+        daemon_env(s3), allow=[f"s3://{BUCKET}/"], prelude="shutdown_grace = 20\n",
+        extra_config="[memory]\nadopt = false\n",
+    )  # fmt: skip
     with d.client() as client:
         model = client.load(uri)
         d.proc.send_signal(signal.SIGTERM)
@@ -107,6 +112,11 @@ def test_prometheus_metrics_on_loopback(s3: S3Server, tmp_path: Path, prefix: st
             model.total_bytes
         )
         assert samples["tensorferry_leases"] == 1
+        # Fetched, not adopted from a daemon before (test_adoption.py restarts one).
+        assert (samples["tensorferry_adopted_models"], samples["tensorferry_adopted_bytes"]) == (
+            0,
+            0,
+        )
         arena = client.list()[0].bytes
         assert samples['tensorferry_resident_bytes{device="cpu",tier="shm"}'] == arena
         assert samples["tensorferry_range_get_seconds_count"] >= 1

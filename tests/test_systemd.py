@@ -30,6 +30,11 @@ def test_unit_verifies(tmp_path: Path) -> None:
     assert result.stderr == ""
     assert "Type=notify" in unit.read_text()
     assert "WatchdogSec=" in unit.read_text()
+    # Sealed arenas outlive the daemon: systemd keeps their descriptors, and their files.
+    assert "FileDescriptorStoreMax=4096" in unit.read_text()
+    assert "RemoveIPC=no" in unit.read_text()
+    preserve = UNIT.with_name("fdstore-preserve.conf").read_text()
+    assert "[Service]\nFileDescriptorStorePreserve=yes\n" in preserve
 
 
 def test_watchdog_pings_come_from_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:

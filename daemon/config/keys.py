@@ -169,6 +169,11 @@ KEYS: tuple[Key, ...] = (
         "freed arenas kept, mapped, to be refilled (no page zeroing); one between half and "
         "twice a new model's size is shrunk or grown to it; yields to new loads",
         field="recycle_bytes"),
+    Key("memory", "adopt", True, boolean, None,
+        "CPU arenas outlive the daemon: each ready model's arena is sealed with a manifest, "
+        "left in place at exit, and adopted by the next daemon on this socket when its "
+        "source is unchanged (no refetch after a crash, restart or upgrade); false: removed "
+        "at exit and swept at start", field="adopt_arenas"),
     Key("limits", "max_model_bytes", 0, parse_size, None, "largest single load",
         shown="unlimited"),
     Key("limits", "warm_bytes", 0, parse_size, None,

@@ -132,6 +132,7 @@ class Settings:
     shm_dir: Path = Path("/dev/shm")
     shm_budget: int = default("memory.shm_budget")
     recycle_bytes: int = default("memory.recycle")
+    adopt_arenas: bool = default("memory.adopt")
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     log_level: str = default("log_level")
     log_format: str = default("log_format")

@@ -31,6 +31,7 @@ from tensorferry.daemon.sinks.cpu_shm import ShmUsage
 from tensorferry.daemon.source import check_allowed, list_source, parse_uri
 from tensorferry.errors import (
     DaemonUnavailable,
+    FailedPrecondition,
     InvalidRequest,
     LeaseNotOwned,
     SourceNotFound,
@@ -108,6 +109,14 @@ class LoaderService(pb_grpc.LoaderServicer):
         )
         if self.stopping.is_set():  # stopped while the source was listed: no new load
             raise DaemonUnavailable(NO_NEW_LOADS)
+        if getattr(request, "resident_only", False):
+            # A worker re-establishing its lease after a restart: attach, never fetch.
+            resident = self.registry.find(target.key)
+            if resident is None or resident.state is not State.READY:
+                raise FailedPrecondition(
+                    f"{ref.uri} is not resident in this daemon; resident_only loads only "
+                    "attach (load it without resident_only to fetch it)"
+                )
         model, existed = self.registry.get_or_start(
             target.key, ref.uri, target, client, target.fan_out
         )
@@ -285,6 +294,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         shm: ShmUsage = self.registry.sink.usage()
         backend = self.loader.backend
         connections = backend.connections() if backend is not None else (0, 0)
+        adopted = [m.loaded.arena.size for m in self.registry.models if m.adopted and m.loaded]
         return pb.StatusResponse(
             version=__version__, instance_id=self.instance, pid=os.getpid(),
             uptime_seconds=time.monotonic() - self.started,
@@ -296,4 +306,5 @@ class LoaderService(pb_grpc.LoaderServicer):
             rings=self.loader.cuda.ring_status() if self.loader.cuda is not None else [],
             gpus=self.loader.cuda.gpu_status() if self.loader.cuda is not None else [],
             fetch_workers=backend.fetch_workers() if backend is not None else [],
+            adopted_models=len(adopted), adopted_bytes=sum(adopted),
         )  # fmt: skip

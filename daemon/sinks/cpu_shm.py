@@ -7,84 +7,26 @@ maps, recycles and releases them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
+from tensorferry.daemon.sinks import adopt_shm
+from tensorferry.daemon.sinks.adopt_shm import Claimed, FdStore
 from tensorferry.daemon.sinks.populate import Reservation, address_of
+from tensorferry.daemon.sinks.sealed import SealedArena
+from tensorferry.daemon.sinks.shm_arena import Freed, close_mapping
+from tensorferry.daemon.sinks.shm_arena import ShmArena as ShmArena
+from tensorferry.daemon.sinks.shm_arena import ShmUsage as ShmUsage
+from tensorferry.daemon.sinks.shm_arena import mem_available as mem_available
 from tensorferry.daemon.sinks.shm_names import FREE, ShmNames
 from tensorferry.daemon.sinks.warm import WarmPool
 from tensorferry.errors import FailedPrecondition, ResourceExhausted
-from tensorferry.v1 import tensorferry_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShmUsage:
-    resident: int
-    recycled: int  # freed arenas kept mapped for reuse
-    budget: int  # [memory] shm_budget, or MemAvailable plus what the daemon holds
-    arenas: list[str]
-
-
-@dataclasses.dataclass(eq=False)
-class ShmArena:
-    name: str
-    size: int
-    path: Path
-    _map: mmap.mmap | None
-    #: The memory still to allocate and map, alongside the fetch (``cpu_load``); None
-    #: when it was all there already (a recycled arena).
-    reservation: Reservation | None = None
-
-    @property
-    def view(self) -> memoryview:
-        assert self._map is not None, "arena already unmapped"
-        return memoryview(self._map)
-
-    def grant(self) -> dict[str, Any]:
-        return {"cpu_shm": pb.CpuShmGrant(name=self.name, size=self.size)}
-
-    def detach(self) -> mmap.mmap | None:
-        mapping, self._map = self._map, None
-        return mapping
-
-
-def _close(mapping: mmap.mmap, name: str) -> None:
-    try:
-        mapping.close()
-    except BufferError:
-        # A failed fetch's traceback may still hold a slice; GC unmaps it later.
-        log.debug("arena %s still exported; left to the garbage collector", name)
-
-
-@dataclasses.dataclass(eq=False)
-class _Freed:
-    """A released arena kept for the next load: its pages and page tables stay."""
-
-    path: Path
-    capacity: int
-    mapping: mmap.mmap
-    #: ``[0, reserved)`` is allocated and mapped; the rest is reserved when it is reused.
-    reserved: int
-
-    def drop(self) -> None:
-        _close(self.mapping, self.path.name)
-        self.path.unlink(missing_ok=True)
 
 
 class CpuShmSink:
@@ -92,17 +34,27 @@ class CpuShmSink:
 
     def __init__(
         self, shm_dir: Path, *, mode: int = 0o640, budget: int = 0, group: int = -1,
-        recycle_budget: int = 0, warm_bytes: int = 0,
+        recycle_budget: int = 0, warm_bytes: int = 0, socket: str = "", adopt: bool = False,
+        fd_store: FdStore | None = None,
     ) -> None:  # fmt: skip
         self.shm_dir = shm_dir
+        #: Sealed arenas are adopted only by a daemon of the socket that sealed them.
+        self.socket = socket
+        self.adopt_arenas = adopt
+        self.fd_store = fd_store
+        #: A dead instance's sealed arenas, claimed at start: adopt() or discard() each.
+        self.claimed: list[Claimed] = []
+        self.adopted = 0
+        #: Adopted arenas: a worker of the daemon before may map them, so never recycled.
+        self._inherited: set[str] = set()
         self.mode = mode
         self.group = group
         self.recycle_budget = recycle_budget
         #: Set by the registry: evict unleased models (LRU) to free about this many bytes.
         self.reclaim: Callable[[int], None] = lambda needed: None
-        self._free: list[_Freed] = []
+        self._free: list[Freed] = []
         #: The warm pool being populated (``warm.py``): counted as recycled already.
-        self.warming: _Freed | None = None
+        self.warming: Freed | None = None
         #: ``[limits] warm_bytes`` populated after READY (the server runs ``pool.fill``).
         self.pool = WarmPool(self, warm_bytes)
         self.budget = budget
@@ -120,8 +72,15 @@ class CpuShmSink:
         return self.names.instance
 
     async def __aenter__(self) -> CpuShmSink:
-        self.names.sweep()
+        # Locked first: what the sweep claims is linked under our instance, which must
+        # already be alive to every other daemon's sweep.
         self.names.lock()
+        try:
+            self.claimed = adopt_shm.sweep(self.names, self.socket, self.adopt_arenas,
+                                           self.fd_store)  # fmt: skip
+        except BaseException:
+            self.names.unlock()
+            raise
         return self
 
     async def __aexit__(
@@ -129,8 +88,45 @@ class CpuShmSink:
     ) -> None:
         for arena in list(self._arenas.values()):
             self.release(arena, recycle=False)
+        adopt_shm.close_claimed(self.claimed)  # sealed still: the next daemon may adopt them
         self._drop_recycled()
         self.names.unlock()
+
+    def seal(self, arena: ShmArena, manifest: SealedArena) -> None:
+        """Write the manifest of a ready arena (its last byte has landed)."""
+        if arena.name in self._arenas and not arena.sealed:
+            arena.sealed = adopt_shm.seal_arena(arena.path, manifest, self.fd_store)
+
+    def adopt(self, claimed: Claimed) -> ShmArena:
+        """Map a claimed arena and hold it as if this daemon had loaded it."""
+        mapping = adopt_shm.map_claimed(claimed, self.mode, self.group)
+        arena = ShmArena(claimed.path.name, claimed.manifest.size, claimed.path, mapping)
+        arena.sealed = True
+        self._arenas[arena.name] = arena
+        self.used += arena.size
+        self.adopted += 1
+        self._inherited.add(arena.name)
+        return arena
+
+    def discard(self, claimed: Claimed, why: str) -> None:
+        adopt_shm.discard_claimed(claimed, why, self.fd_store)
+
+    def unseal(self, arena: ShmArena) -> None:
+        """Its manifest goes (first, before the segment): an evicted model is not adopted."""
+        if arena.sealed:
+            adopt_shm.unseal(arena.path, self.fd_store)
+            arena.sealed = False
+
+    def leave(self, arena: ShmArena) -> None:
+        """At exit: unmap a sealed arena but keep its file and manifest for the next daemon."""
+        if not arena.sealed:
+            self.release(arena, recycle=False)
+        elif self._arenas.pop(arena.name, None) is not None:
+            self.used -= arena.size
+            if arena.reservation is not None:
+                arena.reservation.close()
+            if (mapping := arena.detach()) is not None:
+                close_mapping(mapping, arena.name)
 
     def sweep(self) -> list[str]:
         """Remove the files of dead daemon instances (see ``ShmNames.sweep``)."""
@@ -173,12 +169,12 @@ class CpuShmSink:
             return None
         return freed.path, freed.mapping, min(freed.reserved, size)
 
-    def new_freed(self, size: int) -> _Freed:
+    def new_freed(self, size: int) -> Freed:
         """A segment for the recycle list, mapped, none of it reserved (the warm pool)."""
         path, mapping = self.new_segment(size, FREE)
-        return _Freed(path, size, mapping, 0)
+        return Freed(path, size, mapping, 0)
 
-    def keep(self, freed: _Freed) -> None:
+    def keep(self, freed: Freed) -> None:
         self._free.append(freed)
 
     def _drop_recycled(self) -> None:
@@ -269,6 +265,10 @@ class CpuShmSink:
         """
         if self._arenas.pop(arena.name, None) is None:
             return
+        if arena.name in self._inherited:
+            self._inherited.discard(arena.name)
+            recycle = False
+        self.unseal(arena)
         self.used -= arena.size
         mapping = arena.detach()
         reserved = arena.size
@@ -283,10 +283,10 @@ class CpuShmSink:
             except (OSError, FailedPrecondition) as exc:
                 log.debug("not keeping arena %s for reuse: %s", arena.name, exc)
             else:
-                self._free.append(_Freed(free, arena.size, mapping, reserved))
+                self._free.append(Freed(free, arena.size, mapping, reserved))
                 return
         if mapping is not None:
-            _close(mapping, arena.name)
+            close_mapping(mapping, arena.name)
         with contextlib.suppress(FileNotFoundError):
             arena.path.unlink()
 

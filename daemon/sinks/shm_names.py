@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from tensorferry.errors import FailedPrecondition
@@ -27,6 +28,8 @@ PREFIX = "tensorferry."
 FREE = "free-"
 # With 128-bit names a taken one is another user's doing, never chance; give up after a few.
 _NAME_ATTEMPTS = 8
+#: Takes what it can of a dead instance's files (``adopt_shm``); returns the paths taken.
+Adopt = Callable[[str, list[Path]], set[Path]]
 
 
 def _token() -> str:
@@ -101,18 +104,22 @@ class ShmNames:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def sweep(self) -> list[str]:
+    def sweep(self, adopt: Adopt | None = None) -> list[str]:
         """Remove the files of dead instances (their lock is free or gone).
 
         Files are listed before any lock is tested: a daemon's lock is in place, held,
         before it creates a segment, so a file listed here whose lock is gone or free when
         tested afterwards belongs to a daemon that has ended (or is the staging name of a
         lock not yet placed, which its daemon then makes again).
+
+        ``adopt(instance, paths)`` is offered each dead instance's files (the lock aside)
+        while its lock is held here; the paths it returns it has taken, and are kept.
         """
         files: dict[str, list[Path]] = {}
         for path in self.shm_dir.glob(f"{PREFIX}*.*"):
             instance = path.name[len(PREFIX) :].split(".", 1)[0]
             files.setdefault(instance, []).append(path)
+        files.pop(self.instance, None)  # ours: alive (and locked) while we sweep
         removed: list[str] = []
         for instance, paths in files.items():
             lock = self.shm_dir / f"{PREFIX}{instance}.lock"
@@ -132,8 +139,9 @@ class ShmNames:
                         continue  # alive
                     if not _same_file(fd, lock):
                         continue  # replaced since we opened it: that one is someone's
+                taken = adopt(instance, [p for p in paths if p != lock]) if adopt else set()
                 for path in paths:
-                    if path != lock:
+                    if path != lock and path not in taken:
                         with contextlib.suppress(FileNotFoundError):
                             path.unlink()
                             removed.append(path.name)

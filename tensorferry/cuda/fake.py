@@ -11,6 +11,7 @@
 - Stricter than CUDA where CUDA would be silently slow or undefined, to catch our own
   bugs: a copy from unregistered (pageable) host memory, freeing memory that queued copies
   still write, and unregistering host memory that queued copies still read all raise.
+- Memory exportable as a descriptor (the VMM calls, a memfd each): ``fake_vmm``.
 
 Select it explicitly: ``[cuda] api = "fake"`` in the daemon's config, and
 ``Client(cuda=FakeCudaApi(...))`` or ``$TENSORFERRY_FAKE_CUDA`` in a worker.
@@ -40,6 +41,7 @@ from tensorferry.cuda.api import (
 )
 from tensorferry.cuda.fake_memory import PREFIX, HostRange, Mapping
 from tensorferry.cuda.fake_streams import FakeEvent, FakeStream
+from tensorferry.cuda.fake_vmm import FakeVmm, VmmMapping
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 _CONTEXT = secrets.token_bytes(8)
 
 
-class FakeCudaApi(CudaApi):
+class FakeCudaApi(FakeVmm, CudaApi):
     name = "fake"
 
     def __init__(
@@ -65,6 +67,7 @@ class FakeCudaApi(CudaApi):
         self._lock = threading.Lock()
         self._allocs: dict[int, Mapping] = {}
         self._imports: dict[int, Mapping] = {}
+        self._vmm: dict[int, VmmMapping] = {}  # fake_vmm: exportable and imported
         self._host: dict[int, HostRange] = {}
         self._streams: list[FakeStream] = []
         self._seq = itertools.count(1)
@@ -126,7 +129,8 @@ class FakeCudaApi(CudaApi):
         return ordinal in self.contexts
 
     def _used(self, ordinal: int) -> int:
-        return sum(m.size for m in self._allocs.values() if m.ordinal == ordinal)
+        mine = sum(m.size for m in self._allocs.values() if m.ordinal == ordinal)
+        return mine + self._vmm_used(ordinal)
 
     def mem_get_info(self, ordinal: int) -> tuple[int, int]:
         self._context(ordinal)
@@ -169,7 +173,7 @@ class FakeCudaApi(CudaApi):
 
     def pointer_device(self, ptr: int) -> int:
         with self._lock:
-            for m in (*self._allocs.values(), *self._imports.values()):
+            for m in (*self._allocs.values(), *self._imports.values(), *self._vmm.values()):
                 if m.ptr <= ptr < m.ptr + m.size:
                     return m.ordinal
         raise CudaError(f"cudaErrorInvalidValue: {ptr:#x} is not device memory")
@@ -268,8 +272,9 @@ class FakeCudaApi(CudaApi):
                 if self.fail_copy_at <= 0:
                     self.fail_copy_at = None
                     raise CudaError("cudaErrorLaunchFailure: unspecified launch failure")
+            devs = [*self._allocs.values(), *self._vmm.values()]
             host, dev = fake_memory.copy_ends(
-                self._host.values(), self._allocs.values(), dst, src, nbytes, stream.ordinal
+                self._host.values(), devs, dst, src, nbytes, stream.ordinal
             )
             copy = next(self._copies)
             self._inflight[copy] = (src, nbytes)
@@ -321,8 +326,9 @@ class FakeCudaApi(CudaApi):
             stream.close()
         self._streams.clear()
         with self._lock:
-            mappings = [*self._allocs.values(), *self._imports.values()]
+            mappings = [*self._allocs.values(), *self._imports.values(), *self._vmm.values()]
             self._allocs.clear()
+            self._vmm.clear()
             self._imports.clear()
             self._host.clear()
         fake_memory.release(mappings)

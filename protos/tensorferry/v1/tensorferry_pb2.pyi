@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadRequest(_message.Message):
-    __slots__ = ("uri", "device", "client_name", "select", "rank", "world_size", "gpu_uuids", "stream_tensors")
+    __slots__ = ("uri", "device", "client_name", "select", "rank", "world_size", "gpu_uuids", "stream_tensors", "resident_only")
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class LoadRequest(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     STREAM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_ONLY_FIELD_NUMBER: _ClassVar[int]
     uri: str
     device: str
     client_name: str
@@ -24,7 +25,8 @@ class LoadRequest(_message.Message):
     world_size: int
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
     stream_tensors: bool
-    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., stream_tensors: _Optional[bool] = ...) -> None: ...
+    resident_only: bool
+    def __init__(self, uri: _Optional[str] = ..., device: _Optional[str] = ..., client_name: _Optional[str] = ..., select: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., stream_tensors: _Optional[bool] = ..., resident_only: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total")
@@ -165,7 +167,7 @@ class ListRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "uri", "device", "version", "state", "bytes", "tensor_count", "leases", "lease_clients", "pinned", "waiting")
+    __slots__ = ("model_id", "uri", "device", "version", "state", "bytes", "tensor_count", "leases", "lease_clients", "pinned", "waiting", "adopted")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +179,7 @@ class ModelInfo(_message.Message):
     LEASE_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     uri: str
     device: str
@@ -188,7 +191,8 @@ class ModelInfo(_message.Message):
     lease_clients: _containers.RepeatedScalarFieldContainer[str]
     pinned: bool
     waiting: int
-    def __init__(self, model_id: _Optional[str] = ..., uri: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., leases: _Optional[int] = ..., lease_clients: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ..., waiting: _Optional[int] = ...) -> None: ...
+    adopted: bool
+    def __init__(self, model_id: _Optional[str] = ..., uri: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., leases: _Optional[int] = ..., lease_clients: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ..., waiting: _Optional[int] = ..., adopted: _Optional[bool] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("models",)
@@ -258,7 +262,7 @@ class LoadRecord(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., outcome: _Optional[str] = ..., plan_seconds: _Optional[float] = ..., first_byte_seconds: _Optional[float] = ..., fetch_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., gbps: _Optional[float] = ..., error: _Optional[str] = ..., retries: _Optional[int] = ..., retry_causes: _Optional[_Mapping[str, int]] = ..., hedges: _Optional[int] = ..., workers: _Optional[int] = ..., arena_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "instance_id", "pid", "uptime_seconds", "models", "recent_loads", "resident_bytes", "shm_budget_bytes", "store_connections_open", "arenas", "store_connections_busy", "recycled_bytes", "rings", "fetch_workers", "gpus")
+    __slots__ = ("version", "instance_id", "pid", "uptime_seconds", "models", "recent_loads", "resident_bytes", "shm_budget_bytes", "store_connections_open", "arenas", "store_connections_busy", "recycled_bytes", "rings", "adopted_models", "adopted_bytes", "fetch_workers", "gpus")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +276,8 @@ class StatusResponse(_message.Message):
     STORE_CONNECTIONS_BUSY_FIELD_NUMBER: _ClassVar[int]
     RECYCLED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RINGS_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     FETCH_WORKERS_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     version: str
@@ -287,9 +293,11 @@ class StatusResponse(_message.Message):
     store_connections_busy: int
     recycled_bytes: int
     rings: _containers.RepeatedCompositeFieldContainer[RingInfo]
+    adopted_models: int
+    adopted_bytes: int
     fetch_workers: _containers.RepeatedCompositeFieldContainer[FetchWorker]
     gpus: _containers.RepeatedCompositeFieldContainer[GpuInfo]
-    def __init__(self, version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recent_loads: _Optional[_Iterable[_Union[LoadRecord, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., shm_budget_bytes: _Optional[int] = ..., store_connections_open: _Optional[int] = ..., arenas: _Optional[_Iterable[str]] = ..., store_connections_busy: _Optional[int] = ..., recycled_bytes: _Optional[int] = ..., rings: _Optional[_Iterable[_Union[RingInfo, _Mapping]]] = ..., fetch_workers: _Optional[_Iterable[_Union[FetchWorker, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recent_loads: _Optional[_Iterable[_Union[LoadRecord, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., shm_budget_bytes: _Optional[int] = ..., store_connections_open: _Optional[int] = ..., arenas: _Optional[_Iterable[str]] = ..., store_connections_busy: _Optional[int] = ..., recycled_bytes: _Optional[int] = ..., rings: _Optional[_Iterable[_Union[RingInfo, _Mapping]]] = ..., adopted_models: _Optional[int] = ..., adopted_bytes: _Optional[int] = ..., fetch_workers: _Optional[_Iterable[_Union[FetchWorker, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ...) -> None: ...
 
 class GpuInfo(_message.Message):
     __slots__ = ("ordinal", "uuid", "pci_bus_id", "context", "opened", "arena_bytes", "ring_bytes")
