@@ -68,6 +68,9 @@ class Target:
     t0: float
     #: When the key was known (the listing done or reused): an attach's record shows it.
     keyed: float
+    #: Every tensor name of the source when known at keying time (a sealed arena keeps
+    #: them: an adopted selection is keyed again with no header read).
+    names: tuple[str, ...] = ()
 
 
 class Loader:
@@ -142,7 +145,10 @@ class Loader:
             world_size=world_size,
         )  # fmt: skip
         fan_out = tuple(dataclasses.replace(key, device=d) for d in devices[1:])
-        return Target(ref, store, listing, key, fan_out, select, source, t0, time.monotonic())
+        return Target(
+            ref, store, listing, key, fan_out, select, source, t0, time.monotonic(),
+            self.names.get(weights),
+        )  # fmt: skip
 
     async def weights_of(self, ref: SourceRef) -> str:
         """The weights id of a source, or "" when it cannot be listed (for Evict)."""
@@ -215,7 +221,7 @@ class Loader:
         finally:
             if model.arrivals is not None:
                 model.arrivals.finish()
-        names = self.names.get((model.key.weights, model.key.version))
+        names = target.names or self.names.get((model.key.weights, model.key.version))
         seal_ready(self.cpu, self.settings, target, [model, *model.fan_out], loaded, names)
         st, end = loaded[0].stats, time.monotonic()
         self.recent.append(

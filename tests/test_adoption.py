@@ -307,3 +307,32 @@ def test_an_arena_whose_source_cannot_be_listed_stays_sealed_for_the_next_start(
     new = fleet.worker(again.socket)
     assert new.attach(uri, 1)["sha256"] == want
     assert fleet.data_bytes() == 0
+
+
+def test_an_adopted_selection_attaches_with_no_get_and_another_selection_is_another_model(
+    fleet: Fleet, s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    uri, _ = make_model(s3, tmp_path / "m", prefix, seed=14)
+    d, _ = fleet.start([uri])
+    with Client(d.socket) as client:
+        client.preload(uri, select=["layers.0.*"])
+    eventually(
+        lambda: [n for n in instance_files(d.instance) if n.endswith(".sealed")] != [],
+        "the selection's arena sealed",
+    )
+    d.kill_group()
+    fleet.proxy.reset()
+    again, first = fleet.start([uri], socket=d.socket)
+    assert [(m.uri, m.adopted) for m in first.models] == [(uri, True)]
+    with Client(again.socket) as client:
+        with client.load(uri, select=["layers.0.*"]) as model:
+            assert model.attached
+            assert sorted(model.tensors) == ["layers.0.bias", "layers.0.weight"]
+        requests = fleet.proxy.stats().requests
+        # The source's names were sealed with it: keying the selection read no header.
+        assert (requests[Kind.HEADER_GET], requests[Kind.DATA_GET]) == (0, 0)
+        # Another selection is another model: fetched, never served from the adopted one.
+        with client.load(uri, select=["layers.1.*"]) as model:
+            assert not model.attached
+            assert sorted(model.tensors) == ["layers.1.bias", "layers.1.weight"]
+    assert fleet.data_bytes() > 0

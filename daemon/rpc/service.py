@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from tensorferry import __version__
 from tensorferry.daemon.config.settings import Settings
 from tensorferry.daemon.devices import resolve_devices
 from tensorferry.daemon.loader import Loader
 from tensorferry.daemon.model import State
-from tensorferry.daemon.records import LoadRecord, as_message
+from tensorferry.daemon.records import LoadRecord
 from tensorferry.daemon.registry import Registry
 from tensorferry.daemon.rpc.admission import OpenCalls
 from tensorferry.daemon.rpc.load_events import Waiting, table_events
 from tensorferry.daemon.rpc.peers import Peer, Peers
+from tensorferry.daemon.rpc.status import status_response
 from tensorferry.daemon.rpc.validation import check_rank, check_select, extra_files
-from tensorferry.daemon.sinks.cpu_shm import ShmUsage
 from tensorferry.daemon.source import check_allowed, list_source, parse_uri
 from tensorferry.errors import (
     DaemonUnavailable,
@@ -291,20 +289,4 @@ class LoaderService(pb_grpc.LoaderServicer):
         )  # fmt: skip
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
-        shm: ShmUsage = self.registry.sink.usage()
-        backend = self.loader.backend
-        connections = backend.connections() if backend is not None else (0, 0)
-        adopted = [m.loaded.arena.size for m in self.registry.models if m.adopted and m.loaded]
-        return pb.StatusResponse(
-            version=__version__, instance_id=self.instance, pid=os.getpid(),
-            uptime_seconds=time.monotonic() - self.started,
-            models=[m.info() for m in self.registry.models],
-            recent_loads=[as_message(r) for r in self.loader.recent],
-            resident_bytes=shm.resident, recycled_bytes=shm.recycled,
-            shm_budget_bytes=shm.budget, arenas=shm.arenas,
-            store_connections_open=connections[0], store_connections_busy=connections[1],
-            rings=self.loader.cuda.ring_status() if self.loader.cuda is not None else [],
-            gpus=self.loader.cuda.gpu_status() if self.loader.cuda is not None else [],
-            fetch_workers=backend.fetch_workers() if backend is not None else [],
-            adopted_models=len(adopted), adopted_bytes=sum(adopted),
-        )  # fmt: skip
+        return status_response(self.registry, self.loader, self.instance, self.started)
