@@ -63,7 +63,7 @@ def seal_ready(
                 version=key.version, device=key.device, select=key.select, rank=key.rank,
                 world_size=key.world_size, objects=objects, tensors=result.plan.tensors,
                 names=names if key.select else (), size=result.arena.size,
-                sealed_at=time.time(),
+                sealed_at=time.time(), pinned=model.pinned,
             ),
         )  # fmt: skip
 
@@ -183,7 +183,7 @@ def _adopt(sink: CpuShmSink, registry: Registry, claimed: Claimed, loader: Loade
             (manifest.weights, manifest.version), (t.name for t in manifest.tensors)
         )
     model = registry.adopt(manifest.key, manifest.uri, loaded)
-    model.adopted = True
+    model.adopted, model.pinned = True, manifest.pinned
     # A worker of the daemon before may still map the arena: never recycle it, and leave
     # those workers time to re-establish their leases before it may go to make room.
     model.released_early = True

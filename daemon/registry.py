@@ -187,6 +187,13 @@ class Registry:
         model.done.set_result(loaded)
         return model
 
+    def pin(self, model: Model) -> None:
+        """Never evicted to make room, also once adopted after a restart (its manifest)."""
+        if not model.pinned:
+            model.pinned = True
+            if model.loaded is not None and isinstance(model.loaded.arena, ShmArena):
+                self.sink.pin(model.loaded.arena)
+
     def add_lease(self, model: Model, client: str) -> str:
         lease = secrets.token_hex(8)
         model.leases[lease] = client

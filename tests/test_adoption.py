@@ -336,3 +336,24 @@ def test_an_adopted_selection_attaches_with_no_get_and_another_selection_is_anot
             assert not model.attached
             assert sorted(model.tensors) == ["layers.1.bias", "layers.1.weight"]
     assert fleet.data_bytes() > 0
+
+
+def test_a_pinned_model_stays_pinned_when_adopted(
+    fleet: Fleet, s3: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    early, _ = make_model(s3, tmp_path / "a", prefix + "a/", seed=15)
+    late, _ = make_model(s3, tmp_path / "b", prefix + "b/", seed=16)
+    d, _ = fleet.start([early, late])
+    with Client(d.socket) as client:
+        client.preload(early, pin=True)  # pinned before it is sealed
+        client.preload(late)
+        eventually(
+            lambda: len([n for n in instance_files(d.instance) if n.endswith(".sealed")]) == 2,
+            "both arenas sealed",
+        )
+        client.preload(late, pin=True)  # pinned once sealed: its manifest is rewritten
+    d.kill_group()
+    _, first = fleet.start([early, late], socket=d.socket)
+    assert sorted((m.uri, m.adopted, m.pinned) for m in first.models) == [
+        (early, True, True), (late, True, True)
+    ]  # fmt: skip

@@ -73,6 +73,12 @@ def test_a_sealed_manifest_reads_back_as_written(
     with pytest.raises(FileExistsError):  # link(2): never onto a file already there
         seal(path, fd, m)
     assert read_sealed(path, fd, socket=SOCKET) == m
+    # Pinned later: our own manifest rewritten whole (rename(2) over it), still 0600, alone.
+    pinned = dataclasses.replace(m, pinned=True)
+    assert seal(path, fd, pinned, replace=True) == written
+    assert read_sealed(path, fd, socket=SOCKET) == pinned
+    assert oct(written.stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in path.parent.glob("tensorferry.*")) == [path.name, written.name]
 
 
 def _tamper(path: Path) -> None:

@@ -124,7 +124,8 @@ class LoaderService(pb_grpc.LoaderServicer):
         waiting = Waiting(model, group, lease and getattr(request, "stream_tensors", False))
         model.waiters += 1
         model.keep = model.keep or not lease  # a preload finishes even if its caller goes
-        model.pinned = model.pinned or bool(getattr(request, "pin", False))
+        if getattr(request, "pin", False):
+            self.registry.pin(model)
         try:
             async for event in waiting.events():
                 yield event

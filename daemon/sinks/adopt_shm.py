@@ -202,6 +202,18 @@ def seal_arena(path: Path, manifest: SealedArena, fd_store: FdStore | None) -> b
     return True
 
 
+def reseal(path: Path, manifest: SealedArena) -> None:
+    """Rewrite our manifest of the segment at ``path`` (replaced whole, atomically)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            write_manifest(path, fd, manifest, replace=True)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:  # the old manifest stays: adopted, but unpinned
+        log.warning("could not rewrite the manifest of arena %s: %s", path.name, exc)
+
+
 def unseal(path: Path, fd_store: FdStore | None) -> None:
     """Before the segment goes: a manifest must never outlive (or be reused with) it."""
     manifest_path(path).unlink(missing_ok=True)

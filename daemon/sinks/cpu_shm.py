@@ -7,6 +7,7 @@ maps, recycles and releases them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
@@ -96,12 +97,19 @@ class CpuShmSink:
         """Write the manifest of a ready arena (its last byte has landed)."""
         if arena.name in self._arenas and not arena.sealed:
             arena.sealed = adopt_shm.seal_arena(arena.path, manifest, self.fd_store)
+            arena.manifest = manifest if arena.sealed else None
+
+    def pin(self, arena: ShmArena) -> None:
+        """A sealed arena's model was pinned: its manifest says so from now on."""
+        if arena.sealed and arena.manifest is not None and not arena.manifest.pinned:
+            arena.manifest = dataclasses.replace(arena.manifest, pinned=True)
+            adopt_shm.reseal(arena.path, arena.manifest)
 
     def adopt(self, claimed: Claimed) -> ShmArena:
         """Map a claimed arena and hold it as if this daemon had loaded it."""
         mapping = adopt_shm.map_claimed(claimed, self.mode, self.group)
         arena = ShmArena(claimed.path.name, claimed.manifest.size, claimed.path, mapping)
-        arena.sealed = True
+        arena.sealed, arena.manifest = True, claimed.manifest
         self._arenas[arena.name] = arena
         self.used += arena.size
         self.adopted += 1

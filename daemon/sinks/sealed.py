@@ -65,6 +65,8 @@ class SealedArena:
     names: tuple[str, ...]
     size: int  # the segment's size in bytes
     sealed_at: float = 0.0
+    #: Kept resident (``preload --pin``): an adopted model stays pinned.
+    pinned: bool = False
 
     @property
     def key(self) -> ModelKey:
@@ -91,16 +93,18 @@ def _encode(arena: SealedArena, st: os.stat_result) -> bytes:
         "world_size": arena.world_size, "objects": [list(o) for o in arena.objects],
         "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes] for t in arena.tensors],
         "names": list(arena.names), "size": arena.size, "sealed_at": float(arena.sealed_at),
+        "pinned": arena.pinned,
     }  # fmt: skip
     raw: bytes = msgpack.packb(body, use_bin_type=True)
     return raw + hashlib.sha256(raw).digest()
 
 
-def seal(segment: Path, fd: int, arena: SealedArena) -> Path:
+def seal(segment: Path, fd: int, arena: SealedArena, *, replace: bool = False) -> Path:
     """Write the manifest of the segment open at ``fd`` (named ``segment``); its path.
 
     Written under a staging name and linked into place: a reader sees a whole manifest or
     none, and link(2) never replaces a file someone else put at that name (EEXIST).
+    ``replace``: a new version of our own manifest there (rename(2) over it, atomically).
     """
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size != arena.size:
@@ -116,7 +120,10 @@ def seal(segment: Path, fd: int, arena: SealedArena) -> Path:
         view = memoryview(data)
         while view:
             view = view[os.write(out, view) :]
-        os.link(staging, final)
+        if replace:
+            os.replace(staging, final)
+        else:
+            os.link(staging, final)
     finally:
         os.close(out)
         staging.unlink(missing_ok=True)
@@ -218,6 +225,7 @@ def _decode(raw: bytes) -> tuple[SealedArena, int, int]:
         rank=b.get("rank", int), world_size=b.get("world_size", int),
         objects=tuple(b.rows("objects", str, str, int)), tensors=tuple(tensors),
         names=b.texts("names"), size=b.get("size", int), sealed_at=b.get("sealed_at", float),
+        pinned=doc.get("pinned") is True,
     )  # fmt: skip
     return arena, b.get("dev", int), b.get("ino", int)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorferry.daemon.sinks.populate import Reservation
+from tensorferry.daemon.sinks.sealed import SealedArena
 from tensorferry.v1 import tensorferry_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class ShmArena:
     reservation: Reservation | None = None
     #: A manifest is beside it (``sealed.py``): the next daemon may adopt it.
     sealed: bool = False
+    #: What that manifest says (rewritten when the model is pinned).
+    manifest: SealedArena | None = None
 
     @property
     def view(self) -> memoryview:
