@@ -24,6 +24,37 @@ from tensorferry.client import Client, TensorferryError
 from tensorferry.devtools.seaweed import S3Server
 from tensorferry.v1 import tensorferry_pb2 as pb
 
+#: Where CPU arenas live (the daemon's shm_dir).
+SHM = Path("/dev/shm")
+
+
+def shm_files(instance: str, shm: Path = SHM) -> list[str]:
+    """Every /dev/shm file of a daemon instance: segments, its lock, recycled arenas."""
+    return sorted(p.name for p in shm.glob(f"tensorferry.{instance}.*"))
+
+
+def live_segments(instance: str, shm: Path = SHM) -> list[str]:
+    """A daemon instance's arenas: not its lock, freed arenas kept for reuse, manifests of
+    sealed arenas or a manifest being written."""
+    return [
+        n for n in shm_files(instance, shm)
+        if not n.endswith((".lock", ".sealed")) and ".free" not in n and ".sealing-" not in n
+    ]  # fmt: skip
+
+
+def remove_sealed(instance: str, shm: Path = SHM) -> list[str]:
+    """Remove the sealed arenas a stopped daemon left for its successor ([memory] adopt)
+    and their manifests; the segments left without one (a leak)."""
+    unsealed = []
+    for name in live_segments(instance, shm):
+        manifest = shm / f"{name}.sealed"
+        if manifest.exists():
+            manifest.unlink()
+            (shm / name).unlink(missing_ok=True)
+        else:
+            unsealed.append(name)
+    return unsealed
+
 
 @dataclasses.dataclass(frozen=True)
 class DaemonProcess:

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import IO
 
+from tensorferry.devtools.daemon import live_segments
 from tensorferry.devtools.proxy import CountingProxy
 from tensorferry.devtools.s3server import S3Server
 from tensorferry.devtools.seaweed import run_seaweed
@@ -31,7 +32,6 @@ from tensorferry.devtools.soak_daemon import (
     check_leftovers,
     check_processes,
     clean_env,
-    live_segments,
     settle,
 )
 from tensorferry.devtools.soak_pool import Options, Pool

@@ -14,12 +14,19 @@ import time
 from pathlib import Path
 
 from tensorferry.client import Client, TensorferryError
-from tensorferry.devtools.daemon import spawn_daemon, stop_daemon, wait_serving, write_config
+from tensorferry.devtools.daemon import (
+    live_segments,
+    remove_sealed,
+    shm_files,
+    spawn_daemon,
+    stop_daemon,
+    wait_serving,
+    write_config,
+)
 from tensorferry.devtools.soak_report import Report
 from tensorferry.devtools.soak_setup import BUCKET, CHUNK
 from tensorferry.v1 import tensorferry_pb2 as pb
 
-SHM = Path("/dev/shm")
 # Faults must be survivable: a read timeout under the stall the proxy injects past it, and
 # attempts enough that 6 faults in a row on one range (rate**6) never happen by chance.
 S3_CONFIG = (
@@ -39,32 +46,6 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     }  # fmt: skip
     env["AWS_EC2_METADATA_DISABLED"] = "true"
     return {**env, **(extra or {})}
-
-
-def shm_files(instance: str) -> list[str]:
-    """Every /dev/shm file of a daemon instance: segments, its lock, recycled arenas."""
-    return sorted(p.name for p in SHM.glob(f"tensorferry.{instance}.*"))
-
-
-def live_segments(instance: str) -> list[str]:
-    return [
-        n for n in shm_files(instance)
-        if not n.endswith((".lock", ".sealed")) and ".free" not in n and ".sealing-" not in n
-    ]  # fmt: skip
-
-
-def remove_sealed(instance: str) -> list[str]:
-    """Remove the sealed arenas a stopped daemon left for its successor ([memory] adopt)
-    and their manifests; the segments left without one (a leak)."""
-    unsealed = []
-    for name in live_segments(instance):
-        manifest = SHM / f"{name}.sealed"
-        if manifest.exists():
-            manifest.unlink()
-            (SHM / name).unlink(missing_ok=True)
-        else:
-            unsealed.append(name)
-    return unsealed
 
 
 class SoakDaemon:

@@ -22,7 +22,15 @@ import pytest
 import torch
 
 from tensorferry.client import Client
-from tensorferry.devtools.daemon import serve_argv, spawn_daemon, wait_serving, write_config
+from tensorferry.devtools.daemon import (
+    SHM,
+    live_segments,
+    remove_sealed,
+    serve_argv,
+    spawn_daemon,
+    wait_serving,
+    write_config,
+)
 from tensorferry.devtools.proxy import CountingProxy, FaultHook, Kind
 from tensorferry.devtools.seaweed import S3Server, run_seaweed
 from tensorferry.devtools.tls_store import TlsStore, run_seaweed_tls
@@ -30,7 +38,6 @@ from tensorferry.v1 import tensorferry_pb2 as pb
 
 BUCKET = "models"
 MISSING_BUCKET = "no-such-bucket"
-SHM = Path("/dev/shm")
 
 
 @pytest.fixture(autouse=True)
@@ -97,24 +104,14 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
     def segments(self) -> list[str]:
-        names = (p.name for p in SHM.glob(f"tensorferry.{self.instance}.*"))
-        # Lock files, freed arenas kept for reuse (".free-<token>") and the manifests of
-        # sealed arenas (".sealed") are not live segments.
-        return sorted(
-            n for n in names
-            if not n.endswith((".lock", ".sealed")) and ".free" not in n and ".sealing-" not in n
-        )  # fmt: skip
+        return live_segments(self.instance)
 
     def remove_sealed(self) -> list[str]:
         """Remove the sealed arenas a stopped daemon left for the next one ([memory] adopt)
-        and their manifests; the segments left WITHOUT a manifest, which nothing adopts."""
-        unsealed = []
-        for name in self.segments():
-            manifest = SHM / f"{name}.sealed"
-            if manifest.exists():
-                manifest.unlink()
-            else:
-                unsealed.append(name)
+        and their manifests; the segments left WITHOUT a manifest (removed too: a test that
+        fails on them must not leak them), which nothing adopts."""
+        unsealed = remove_sealed(self.instance)
+        for name in unsealed:
             (SHM / name).unlink(missing_ok=True)
         return unsealed
 
