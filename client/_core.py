@@ -24,10 +24,11 @@ ProgressFn = Callable[[str, int, int], None]
 # A tensor table of a large checkpoint comes in batches; one batch may exceed gRPC's 4 MiB.
 # Reconnect backoff capped at 1 s (gRPC's default grows to 120 s): a restarted daemon is
 # reached within about a second, and the leases of the models a worker holds with it.
+# Not grpc.min_reconnect_backoff_ms: gRPC core also takes it as the minimum time a
+# connection attempt may take, and at 100 ms a busy host's handshake timed out.
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 C = TypeVar("C")
